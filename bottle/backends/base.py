@@ -1,0 +1,168 @@
+"""The one protocol every backend implements, and the bottle it returns."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import subprocess
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, ClassVar, Protocol, runtime_checkable
+
+from bottle.errors import BottleUsageError, CommandFailed
+from bottle.listeners import Listener, ListenerHub
+from bottle.pool import Lease
+from bottle.spec import BottleSpec
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class BackendConfig:
+    """What every backend is given when it is made.
+
+    ``options`` are backend-specific ``KEY=VALUE`` settings from the command
+    line or ini file (``--bottle-backend-option``); each backend documents its
+    own and rejects unknown keys.
+    """
+
+    state_dir: Path
+    options: Mapping[str, str] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class Requirement:
+    """One thing a backend needs on this host, and whether it is there."""
+
+    what: str
+    present: bool
+    detail: str = ""
+
+
+@dataclasses.dataclass
+class Bottle:
+    """A started bottle: where its bundle listens and how to reach its agent."""
+
+    spec: BottleSpec
+    bottle_id: str
+    alias: str
+    allowlist: list[str]
+    backend: str
+    bundle_ports: dict[str, int]
+    handle: dict[str, Any] = dataclasses.field(default_factory=dict)
+    #: Listeners this process serves for the bundle (echo services).
+    bundle_listeners: dict[str, Listener] = dataclasses.field(default_factory=dict)
+    #: Backend facts worth reporting, e.g. whether a workaround was applied.
+    facts: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+
+@dataclasses.dataclass(frozen=True)
+class ExecResult:
+    """What a command run inside a bottle returned."""
+
+    argv: list[str]
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """A way to run bottles.  One module per backend implements this."""
+
+    #: The name users pass to ``--bottle-backend``.
+    name: ClassVar[str]
+
+    def requirements(self) -> list[Requirement]:
+        """What this backend needs here and whether each is present."""
+        ...
+
+    def check(self) -> None:
+        """Raise :class:`BackendUnavailable` naming what is missing."""
+        ...
+
+    def version(self) -> str:
+        """The version of the runtime under the backend (kernel, engine...)."""
+        ...
+
+    def start(
+        self, spec: BottleSpec, lease: Lease, hub: ListenerHub
+    ) -> Bottle:
+        """Start a bottle on the leased alias.
+
+        On failure, remove everything created so far before raising.
+        """
+        ...
+
+    def stop(self, bottle: Bottle, hub: ListenerHub | None) -> None:
+        """Remove everything the bottle created."""
+        ...
+
+    def remove(self, bottle_id: str, handle: Mapping[str, Any]) -> None:
+        """Remove what a bottle left, from its id and recorded handle.
+
+        The reaper calls this for bottles of dead owners, where ``handle`` may
+        be empty (a start cut short), so resource names derive from the id.
+        """
+        ...
+
+    def leftovers(self) -> set[str]:
+        """Ids of bottles that still have resources of this backend here."""
+        ...
+
+    def exec(
+        self,
+        bottle: Bottle,
+        argv: Sequence[str],
+        *,
+        timeout: float = 60.0,
+    ) -> ExecResult:
+        """Run ``argv`` as the agent, inside the bottle."""
+        ...
+
+    def prober_command(self, bottle: Bottle) -> list[str]:
+        """The command, inside the bottle, that runs the prober."""
+        ...
+
+    def effective_allowlist(self, bottle: Bottle) -> list[str]:
+        """The allowlist as the enforcing layer holds it, read back."""
+        ...
+
+    def attach(self, lease: Lease) -> Bottle:
+        """Rebuild a bottle handle from its lease (another process's bottle)."""
+        ...
+
+
+def run_host_command(
+    argv: Sequence[str], *, check: bool = True, timeout: float = 60.0
+) -> subprocess.CompletedProcess[str]:
+    """Run a host command, logging it; raise :class:`CommandFailed` if asked."""
+    log.debug("running %s", " ".join(argv))
+    try:
+        completed = subprocess.run(
+            list(argv), capture_output=True, text=True, timeout=timeout, check=False
+        )
+    except FileNotFoundError as exc:
+        raise CommandFailed(argv, 127, f"{argv[0]}: not found") from exc
+    except subprocess.TimeoutExpired as exc:
+        raise CommandFailed(argv, 124, f"timed out after {timeout} s") from exc
+    if check and completed.returncode != 0:
+        raise CommandFailed(argv, completed.returncode, completed.stderr)
+    return completed
+
+
+def reject_unknown_options(
+    backend: str, options: Mapping[str, str], known: Mapping[str, str]
+) -> None:
+    """Refuse backend options this backend does not know, listing the valid."""
+    for key in options:
+        if key not in known:
+            valid = ", ".join(f"{name} ({meaning})" for name, meaning in known.items())
+            raise BottleUsageError(
+                f"backend option {key!r}",
+                f"unknown to backend {backend!r}; valid: {valid or 'none'}",
+            )

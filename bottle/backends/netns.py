@@ -1,0 +1,496 @@
+"""Bottles in Linux network namespaces, filtered by nftables on the host side.
+
+Each bottle gets a network namespace whose only way out is a veth pair to the
+host.  Inside, the namespace gives up its own ``127.0.0.0/8`` and routes all
+of it, and everything else, through the veth; ``route_localnet`` on both ends
+lets loopback addresses cross it.  On the host an nftables table of the
+bottle's own accepts only destinations in the bottle's allowlist from that
+veth (every port, as smolvm's TSI does) and rejects the rest at once with
+"administratively prohibited", so a blocked probe fails in milliseconds with
+EHOSTUNREACH.  The same table rejects anything the host would forward for the
+bottle.  Enforcement lives on the host because the agent could rewrite rules
+inside its own namespace; it runs there as an unprivileged user with every
+capability dropped anyway.
+
+The bundle's echo services are host listeners bound on the bottle's alias.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import ipaddress
+import json
+import logging
+import os
+import platform
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+import psutil
+
+from bottle.backends.base import (
+    BackendConfig,
+    Bottle,
+    ExecResult,
+    Requirement,
+    reject_unknown_options,
+    run_host_command,
+)
+from bottle.errors import BackendUnavailable, BottleStartError, BottleUsageError
+from bottle.listeners import ListenerHub
+from bottle.pool import Lease
+from bottle.spec import BottleSpec, BundleService
+
+log = logging.getLogger(__name__)
+
+NETNS_PREFIX = "bb-"
+TABLE_PREFIX = "bottle_"
+HOST_VETH_PREFIX = "bbh"
+INNER_VETH = "bb0"
+DEFAULT_TRANSFER_NET = "198.18.0.0/15"
+LOOPBACK_NET = ipaddress.IPv4Network("127.0.0.0/8")
+PROBER_PATH = Path(__file__).resolve().parent.parent / "prober.py"
+
+OPTIONS = {
+    "transfer_net": (
+        f"IPv4 network the veth pairs are numbered from (default "
+        f"{DEFAULT_TRANSFER_NET}); pick one this host does not use"
+    ),
+    "python": "Python the in-bottle prober runs with (default: this one)",
+}
+
+
+def netns_name(bottle_id: str) -> str:
+    return f"{NETNS_PREFIX}{bottle_id}"
+
+
+def table_name(bottle_id: str) -> str:
+    return TABLE_PREFIX + bottle_id.replace("-", "_")
+
+
+def host_veth_name(bottle_id: str) -> str:
+    digest = hashlib.sha1(bottle_id.encode()).hexdigest()[:10]
+    return f"{HOST_VETH_PREFIX}{digest}"
+
+
+class NetnsBackend:
+    """Bottles as network namespaces with a host-side nftables allowlist."""
+
+    name: ClassVar[str] = "netns"
+
+    def __init__(self, config: BackendConfig) -> None:
+        reject_unknown_options(
+            self.name, config.options, {key: text for key, text in OPTIONS.items()}
+        )
+        self.config = config
+        transfer_text = config.options.get("transfer_net", DEFAULT_TRANSFER_NET)
+        try:
+            self.transfer_net = ipaddress.IPv4Network(transfer_text)
+        except ValueError:
+            raise BottleUsageError(
+                f"backend option transfer_net={transfer_text!r}",
+                "not an IPv4 network; e.g. 198.18.0.0/15",
+            ) from None
+        self.python = config.options.get("python", sys.executable)
+
+    # -- what the host needs -------------------------------------------------
+
+    def requirements(self) -> list[Requirement]:
+        on_linux = platform.system() == "Linux"
+        is_root = on_linux and os.geteuid() == 0
+        found = []
+        for tool, package in (
+            ("ip", "iproute2"),
+            ("nft", "nftables"),
+            ("nsenter", "util-linux"),
+            ("setpriv", "util-linux"),
+        ):
+            path = shutil.which(tool)
+            found.append(
+                Requirement(
+                    f"`{tool}` command",
+                    path is not None,
+                    path or f"install the Debian package {package}",
+                )
+            )
+        return [
+            Requirement("Linux", on_linux, platform.system()),
+            Requirement(
+                "root (CAP_NET_ADMIN)",
+                is_root,
+                "running as root" if is_root else "run as root",
+            ),
+            *found,
+        ]
+
+    def check(self) -> None:
+        missing = [req for req in self.requirements() if not req.present]
+        if missing:
+            reasons = "; ".join(f"{req.what}: {req.detail}" for req in missing)
+            raise BackendUnavailable(self.name, reasons)
+
+    def version(self) -> str:
+        nft = run_host_command(["nft", "--version"], check=False).stdout.strip()
+        return f"Linux {platform.release()}, {nft}"
+
+    # -- start and stop ------------------------------------------------------
+
+    def start(self, spec: BottleSpec, lease: Lease, hub: ListenerHub) -> Bottle:
+        bottle_id = lease.bottle_id
+        allowlist = spec.effective_allowlist(lease.alias)
+        host_address, inner_address = self._transfer_addresses(lease.alias)
+        handle: dict[str, Any] = {
+            "netns": netns_name(bottle_id),
+            "table": table_name(bottle_id),
+            "veth": host_veth_name(bottle_id),
+            "inner_address": str(inner_address),
+            "agent_user": spec.agent.user,
+            "service_pids": [],
+        }
+        bottle = Bottle(
+            spec=spec,
+            bottle_id=bottle_id,
+            alias=lease.alias,
+            allowlist=allowlist,
+            backend=self.name,
+            bundle_ports={},
+            handle=handle,
+        )
+        try:
+            _agent_ids(spec.agent.user)
+            self._load_rules(bottle_id, handle["veth"], allowlist)
+            self._make_namespace(bottle_id, host_address, inner_address, allowlist)
+            self._start_bundle(bottle, hub)
+        except BaseException as exc:
+            log.debug("start of %s failed, removing what it made", bottle_id)
+            self.stop(bottle, hub)
+            if isinstance(exc, BottleUsageError):
+                raise
+            if isinstance(exc, Exception):
+                raise BottleStartError(bottle_id, str(exc)) from exc
+            raise
+        return bottle
+
+    def stop(self, bottle: Bottle, hub: ListenerHub | None) -> None:
+        if hub is not None:
+            for listener in bottle.bundle_listeners.values():
+                hub.close(listener)
+        bottle.bundle_listeners.clear()
+        self.remove(bottle.bottle_id, bottle.handle)
+
+    def remove(self, bottle_id: str, handle: Mapping[str, Any]) -> None:
+        for pid in handle.get("service_pids", []):
+            _terminate(int(pid))
+        run_host_command(
+            ["nft", "delete", "table", "inet", table_name(bottle_id)], check=False
+        )
+        run_host_command(["ip", "netns", "delete", netns_name(bottle_id)], check=False)
+        run_host_command(
+            ["ip", "link", "delete", host_veth_name(bottle_id)], check=False
+        )
+
+    def leftovers(self) -> set[str]:
+        found = set()
+        listing = run_host_command(["ip", "netns", "list"], check=False).stdout
+        for line in listing.splitlines():
+            name = line.split(" ", 1)[0]
+            if name.startswith(NETNS_PREFIX):
+                found.add(name.removeprefix(NETNS_PREFIX))
+        tables = run_host_command(["nft", "-j", "list", "tables"], check=False)
+        with contextlib.suppress(ValueError):
+            for item in json.loads(tables.stdout or "{}").get("nftables", []):
+                name = item.get("table", {}).get("name", "")
+                if item.get("table", {}).get("family") == "inet" and name.startswith(
+                    TABLE_PREFIX
+                ):
+                    found.add(name.removeprefix(TABLE_PREFIX).replace("_", "-"))
+        return found
+
+    def attach(self, lease: Lease) -> Bottle:
+        from bottle.spec import AgentSpec
+
+        handle = dict(lease.handle)
+        ports = {str(k): int(v) for k, v in handle.get("bundle_ports", {}).items()}
+        spec = BottleSpec(
+            name=lease.bottle_id.split("-", 1)[-1],
+            bundle=tuple(BundleService(name, port) for name, port in ports.items()),
+            allowlist=tuple(handle.get("allowlist", ["alias"])),
+            agent=AgentSpec(user=str(handle.get("agent_user", "nobody"))),
+            backend=self.name,
+        )
+        return Bottle(
+            spec=spec,
+            bottle_id=lease.bottle_id,
+            alias=lease.alias,
+            allowlist=list(handle.get("allowlist_cidrs", [])),
+            backend=self.name,
+            bundle_ports=ports,
+            handle=handle,
+        )
+
+    # -- inside the bottle ---------------------------------------------------
+
+    def exec(
+        self, bottle: Bottle, argv: Sequence[str], *, timeout: float = 60.0
+    ) -> ExecResult:
+        command = self._agent_command(bottle, argv)
+        try:
+            completed = subprocess.run(
+                command, capture_output=True, text=True, timeout=timeout, check=False
+            )
+        except subprocess.TimeoutExpired as exc:
+            return ExecResult(list(argv), 124, _text(exc.stdout), _text(exc.stderr))
+        return ExecResult(
+            list(argv), completed.returncode, completed.stdout, completed.stderr
+        )
+
+    def prober_command(self, bottle: Bottle) -> list[str]:
+        return [self.python, "-I", "-S", str(PROBER_PATH)]
+
+    def effective_allowlist(self, bottle: Bottle) -> list[str]:
+        cidrs = []
+        for set_name in ("allow4", "allow6"):
+            listing = run_host_command(
+                ["nft", "-j", "list", "set", "inet", bottle.handle["table"], set_name],
+                check=False,
+            )
+            if listing.returncode != 0:
+                continue
+            for item in json.loads(listing.stdout).get("nftables", []):
+                for element in item.get("set", {}).get("elem", []):
+                    cidrs.append(_element_cidr(element))
+        return cidrs
+
+    # -- the pieces ------------------------------------------------------------
+
+    def _agent_command(self, bottle: Bottle, argv: Sequence[str]) -> list[str]:
+        uid, gid = _agent_ids(str(bottle.handle.get("agent_user", "nobody")))
+        return [
+            "nsenter",
+            f"--net=/run/netns/{bottle.handle['netns']}",
+            "--",
+            "setpriv",
+            f"--reuid={uid}",
+            f"--regid={gid}",
+            "--clear-groups",
+            "--bounding-set=-all",
+            "--inh-caps=-all",
+            "--no-new-privs",
+            "--",
+            *argv,
+        ]
+
+    def _transfer_addresses(
+        self, alias: str
+    ) -> tuple[ipaddress.IPv4Address, ipaddress.IPv4Address]:
+        # Each alias owns one /30 of the transfer network, so two live bottles
+        # (which never share an alias) never share veth addresses.
+        offset = int(ipaddress.IPv4Address(alias)) - int(
+            ipaddress.IPv4Address("127.0.0.0")
+        )
+        slots = self.transfer_net.num_addresses // 4
+        if offset >= slots:
+            raise BottleUsageError(
+                f"alias {alias}",
+                f"the netns backend numbers veths from {self.transfer_net}, which "
+                f"has room for aliases up to 127.0.0.0 + {slots - 1}; use a lower "
+                "pool or a larger transfer_net",
+            )
+        base = int(self.transfer_net.network_address) + 4 * offset
+        return ipaddress.IPv4Address(base + 1), ipaddress.IPv4Address(base + 2)
+
+    def _load_rules(self, bottle_id: str, veth: str, allowlist: list[str]) -> None:
+        # Rules match the veth by name, so they are in force before the veth
+        # exists: no packet of the bottle ever passes unfiltered.
+        v4 = [c for c in allowlist if ipaddress.ip_network(c).version == 4]
+        v6 = [c for c in allowlist if ipaddress.ip_network(c).version == 6]
+        elements4 = f"elements = {{ {', '.join(v4)} }}" if v4 else ""
+        elements6 = f"elements = {{ {', '.join(v6)} }}" if v6 else ""
+        table = table_name(bottle_id)
+        ruleset = f"""
+table inet {table} {{
+    set allow4 {{ type ipv4_addr; flags interval; {elements4} }}
+    set allow6 {{ type ipv6_addr; flags interval; {elements6} }}
+    chain input {{
+        type filter hook input priority filter - 10; policy accept;
+        iifname "{veth}" ct state established,related accept
+        iifname "{veth}" ip daddr @allow4 accept
+        iifname "{veth}" ip6 daddr @allow6 accept
+        iifname "{veth}" reject with icmpx type admin-prohibited
+    }}
+    chain forward {{
+        type filter hook forward priority filter - 10; policy accept;
+        iifname "{veth}" ip daddr @allow4 accept
+        iifname "{veth}" ip6 daddr @allow6 accept
+        iifname "{veth}" reject with icmpx type admin-prohibited
+        oifname "{veth}" ct state established,related accept
+        oifname "{veth}" reject with icmpx type admin-prohibited
+    }}
+}}
+"""
+        _run_with_input(["nft", "-f", "-"], ruleset)
+
+    def _make_namespace(
+        self,
+        bottle_id: str,
+        host_address: ipaddress.IPv4Address,
+        inner_address: ipaddress.IPv4Address,
+        allowlist: list[str],
+    ) -> None:
+        namespace = netns_name(bottle_id)
+        veth = host_veth_name(bottle_id)
+        _run_with_input(
+            ["ip", "-batch", "-"],
+            f"netns add {namespace}\n"
+            f"link add {veth} type veth peer name {INNER_VETH} netns {namespace}\n"
+            f"addr add {host_address}/30 dev {veth}\n",
+        )
+        _write_sysctl(f"net/ipv4/conf/{veth}/route_localnet", "1")
+        _run_with_input(["ip", "link", "set", veth, "up"], "")
+        # The namespace gives up its own 127.0.0.1 so that every loopback
+        # address the agent dials goes to the host, as under TSI, where the
+        # host-side rules decide.  Beyond loopback it routes only its
+        # allowlist: anything else fails at once with ENETUNREACH instead of
+        # waiting on a host that drops what it does not forward.
+        beyond_loopback = [
+            network
+            for network in map(ipaddress.ip_network, allowlist)
+            if isinstance(network, ipaddress.IPv4Network)
+            and not network.subnet_of(LOOPBACK_NET)
+        ]
+        routes = "".join(
+            f"route add {network} via {host_address} src {inner_address}\n"
+            for network in [LOOPBACK_NET, *beyond_loopback]
+        )
+        _run_with_input(
+            ["ip", "-n", namespace, "-batch", "-"],
+            "link set lo up\n"
+            "addr del 127.0.0.1/8 dev lo\n"
+            f"addr add {inner_address}/30 dev {INNER_VETH}\n"
+            f"link set {INNER_VETH} up\n" + routes,
+            before=lambda: _namespace_sysctls(namespace),
+        )
+
+    def _start_bundle(self, bottle: Bottle, hub: ListenerHub) -> None:
+        for service in bottle.spec.bundle:
+            if service.is_echo:
+                listener = hub.listen(
+                    bottle.alias,
+                    service.port,
+                    label=f"bundle {bottle.name}/{service.name}",
+                )
+                bottle.bundle_listeners[service.name] = listener
+                bottle.bundle_ports[service.name] = listener.port
+            else:
+                port = service.port or _free_port(bottle.alias)
+                process = _start_service(service, bottle.alias, port)
+                bottle.handle["service_pids"].append(process.pid)
+                bottle.bundle_ports[service.name] = port
+        bottle.handle["bundle_ports"] = dict(bottle.bundle_ports)
+        bottle.handle["allowlist"] = list(bottle.spec.allowlist)
+        bottle.handle["allowlist_cidrs"] = list(bottle.allowlist)
+
+
+def _agent_ids(user: str) -> tuple[int, int]:
+    try:
+        entry = pwd.getpwnam(user)
+    except KeyError:
+        raise BottleUsageError(
+            f"agent user {user!r}", "no such user on this host; e.g. nobody"
+        ) from None
+    return entry.pw_uid, entry.pw_gid
+
+
+def _namespace_sysctls(namespace: str) -> None:
+    from bottle.listeners import _in_network_namespace
+
+    with _in_network_namespace(namespace):
+        for key in ("all", INNER_VETH):
+            _write_sysctl(f"net/ipv4/conf/{key}/route_localnet", "1")
+
+
+def _write_sysctl(key: str, value: str) -> None:
+    Path("/proc/sys", key).write_text(value, encoding="ascii")
+
+
+def _run_with_input(
+    argv: list[str], text: str, before: Any = None
+) -> None:
+    if before is not None:
+        before()
+    completed = subprocess.run(
+        argv, input=text, capture_output=True, text=True, check=False, timeout=30
+    )
+    if completed.returncode != 0:
+        from bottle.errors import CommandFailed
+
+        raise CommandFailed(argv, completed.returncode, completed.stderr)
+
+
+def _element_cidr(element: Any) -> str:
+    if isinstance(element, dict) and "prefix" in element:
+        prefix = element["prefix"]
+        return str(ipaddress.ip_network(f"{prefix['addr']}/{prefix['len']}"))
+    if isinstance(element, dict) and "range" in element:
+        first, last = element["range"]
+        return f"{first}-{last}"
+    return str(ipaddress.ip_network(str(element)))
+
+
+def _free_port(host: str) -> int:
+    with socket.socket() as probe:
+        probe.bind((host, 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def _start_service(
+    service: BundleService, alias: str, port: int
+) -> subprocess.Popen[bytes]:
+    argv = [part.format(alias=alias, port=port) for part in service.command]
+    env = dict(os.environ, BOTTLE_ALIAS=alias, BOTTLE_PORT=str(port))
+    process = subprocess.Popen(
+        argv,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise BottleStartError(
+                service.name, f"bundle command exited {process.returncode}: {argv}"
+            )
+        with socket.socket() as probe:
+            probe.settimeout(0.2)
+            if probe.connect_ex((alias, port)) == 0:
+                return process
+        time.sleep(0.05)
+    _terminate(process.pid)
+    raise BottleStartError(
+        service.name, f"bundle command did not listen on {alias}:{port} in 10 s"
+    )
+
+
+def _terminate(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGTERM)
+    with contextlib.suppress(psutil.Error):
+        psutil.Process(pid).wait(timeout=5)
+
+
+def _text(value: bytes | str | None) -> str:
+    if isinstance(value, bytes):
+        return value.decode(errors="replace")
+    return value or ""

@@ -1,0 +1,163 @@
+"""Start and stop bottles on one backend, with leases and a reaper.
+
+The :class:`Launcher` ties a backend to the alias pool: it leases an alias,
+asks the backend to start the bottle there, records the backend's handle in
+the lease (so ``bottle exec`` and ``bottle down`` find the bottle from another
+process), and gives the alias back when the bottle stops.  Its reaper removes
+what crashed runs left behind.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import secrets
+from collections.abc import Iterable, Sequence
+
+from bottle.backends import Backend, Bottle
+from bottle.errors import BottleError, BottleStartError
+from bottle.listeners import ListenerHub
+from bottle.pool import AliasPool, Lease, Owner
+from bottle.spec import BottleSpec
+
+log = logging.getLogger(__name__)
+
+
+def new_run_label() -> str:
+    """A short random label that names everything one run creates."""
+    return secrets.token_hex(3)
+
+
+class Launcher:
+    """Starts bottles of one backend for one run of this process."""
+
+    def __init__(
+        self,
+        backend: Backend,
+        pool: AliasPool,
+        *,
+        run: str | None = None,
+        hub: ListenerHub | None = None,
+        owner: Owner | None = None,
+        pool_wait_seconds: float = 0.0,
+    ) -> None:
+        self.backend = backend
+        self.pool = pool
+        self.run = run or new_run_label()
+        self.hub = hub or ListenerHub()
+        self._owns_hub = hub is None
+        self.owner = owner or Owner.current()
+        self.pool_wait_seconds = pool_wait_seconds
+        self.bottles: dict[str, Bottle] = {}
+
+    def bottle_id(self, name: str) -> str:
+        return f"{self.run}-{name}"
+
+    def start(self, spec: BottleSpec) -> Bottle:
+        """Lease an alias and start ``spec``; nothing survives a failure."""
+        bottle_id = self.bottle_id(spec.name)
+        lease = self.pool.acquire(
+            bottle_id,
+            owner=self.owner,
+            backend=self.backend.name,
+            run=self.run,
+            reclaim=self._remove_leftovers_of,
+            wait_seconds=self.pool_wait_seconds,
+        )
+        try:
+            bottle = self.backend.start(spec, lease, self.hub)
+        except BaseException:
+            self.pool.release(bottle_id)
+            raise
+        try:
+            self.pool.update(bottle_id, handle=bottle.handle)
+        except BaseException:
+            self.backend.stop(bottle, self.hub)
+            self.pool.release(bottle_id)
+            raise
+        self.bottles[bottle_id] = bottle
+        log.info("started bottle %s on %s (%s)", bottle_id, lease.alias, spec.name)
+        return bottle
+
+    def start_many(self, specs: Sequence[BottleSpec]) -> list[Bottle]:
+        """Start several bottles at once; if one fails, stop the others."""
+        with concurrent.futures.ThreadPoolExecutor(max_workers=8) as executor:
+            futures = [executor.submit(self.start, spec) for spec in specs]
+            concurrent.futures.wait(futures)
+        failures = [f.exception() for f in futures if f.exception() is not None]
+        if failures:
+            for future in futures:
+                if future.exception() is None:
+                    self.stop(future.result())
+            first = failures[0]
+            assert first is not None
+            raise first
+        return [future.result() for future in futures]
+
+    def stop(self, bottle: Bottle) -> None:
+        """Stop a bottle this launcher started and give its alias back."""
+        try:
+            self.backend.stop(bottle, self.hub)
+        finally:
+            self.pool.release(bottle.bottle_id)
+            self.bottles.pop(bottle.bottle_id, None)
+            log.info("stopped bottle %s", bottle.bottle_id)
+
+    def stop_all(self) -> None:
+        """Stop every bottle this launcher started, even if some fail."""
+        errors: list[BaseException] = []
+        bottles = list(self.bottles.values())
+        with concurrent.futures.ThreadPoolExecutor(max_workers=8) as executor:
+            for future in [executor.submit(self.stop, b) for b in bottles]:
+                if future.exception() is not None:
+                    errors.append(future.exception())  # type: ignore[arg-type]
+        if self._owns_hub:
+            self.hub.shutdown()
+        if errors:
+            raise errors[0]
+
+    def _remove_leftovers_of(self, lease: Lease) -> None:
+        if lease.backend == self.backend.name:
+            self.backend.remove(lease.bottle_id, lease.handle)
+
+
+def reap(backend: Backend, pool: AliasPool) -> list[str]:
+    """Remove what dead runs left on ``backend``; returns the bottle ids.
+
+    A lease whose owner is dead has its resources removed, then is dropped.
+    Resources with no lease at all (a run killed before it recorded one) are
+    removed too.  Both happen under the pool's lock, so a bottle that another
+    process is starting right now, whose lease is always taken first, is
+    never touched.
+    """
+    removed: list[str] = []
+
+    def remove_dead(lease: Lease) -> None:
+        if lease.backend != backend.name:
+            raise BottleError(f"lease of {lease.bottle_id} is not {backend.name}'s")
+        backend.remove(lease.bottle_id, lease.handle)
+        removed.append(lease.bottle_id)
+
+    with pool.locked() as leases:
+        for alias, lease in list(leases.items()):
+            if lease.backend == backend.name and not lease.owner.is_alive():
+                try:
+                    remove_dead(lease)
+                except BottleError:
+                    log.exception("could not remove %s", lease.bottle_id)
+                    continue
+                del leases[alias]
+        leased = {lease.bottle_id for lease in leases.values()}
+        for bottle_id in sorted(backend.leftovers() - leased):
+            backend.remove(bottle_id, {})
+            removed.append(bottle_id)
+    if removed:
+        log.info("reaped %d leftover bottle(s): %s", len(removed), ", ".join(removed))
+    return removed
+
+
+def describe_failure(exc: BaseException, specs: Iterable[BottleSpec]) -> str:
+    names = ", ".join(spec.name for spec in specs)
+    if isinstance(exc, BottleStartError):
+        return str(exc)
+    return f"bottles {names} did not start: {exc}"
