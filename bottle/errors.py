@@ -70,9 +70,7 @@ class BackendUnavailable(BottleError):
 class CommandFailed(BottleError):
     """A host command the launcher ran exited non-zero."""
 
-    def __init__(
-        self, argv: Sequence[str], returncode: int, stderr: str = ""
-    ) -> None:
+    def __init__(self, argv: Sequence[str], returncode: int, stderr: str = "") -> None:
         super().__init__(list(argv), returncode, stderr)
         self.argv = list(argv)
         self.returncode = returncode

@@ -151,7 +151,9 @@ class ListenerHub:
             listener._transport = transport
             return
 
-        async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        async def echo(
+            reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+        ) -> None:
             peer = writer.get_extra_info("peername")
             peer_text = f"{peer[0]}:{peer[1]}" if peer else "?"
             try:

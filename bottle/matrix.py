@@ -17,6 +17,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from bottle.backends import Bottle
+from bottle.backends.base import NonceWitness
 from bottle.listeners import Listener
 from bottle.probe import BLOCKED_OUTCOMES, Outcome, ProbeResult, Target, TargetKind
 
@@ -79,13 +80,13 @@ def plan_targets(
     """Every target ``source`` probes: all bundles, the sentinels, egress."""
     targets = []
     for bottle in bottles:
-        service, port = next(iter(bottle.bundle_ports.items()))
+        port = next(iter(bottle.bundle_ports.values()))
         own = bottle.bottle_id == source.bottle_id
         targets.append(
             Target(
                 key=bundle_key(bottle.name),
                 kind=TargetKind.OWN_BUNDLE if own else TargetKind.BUNDLE,
-                host=bottle.alias,
+                host=bottle.bundle_host,
                 port=port,
                 must_reach=own,
             )
@@ -108,10 +109,13 @@ def plan_targets(
 def judge(
     source: str,
     results: Sequence[ProbeResult],
-    listeners: Mapping[str, Listener],
+    witnesses: Mapping[str, NonceWitness],
 ) -> list[Cell]:
     """Turn one bottle's probe results into cells, positive control first."""
-    cells = [_judge_one(source, result, listeners.get(result.target.key)) for result in results]
+    cells = [
+        _judge_one(source, result, witnesses.get(result.target.key))
+        for result in results
+    ]
     control = [cell for cell in cells if cell.target.kind is TargetKind.OWN_BUNDLE]
     if control and all(cell.passed for cell in control):
         return cells
@@ -130,12 +134,14 @@ def judge(
     ]
 
 
-def _judge_one(source: str, result: ProbeResult, listener: Listener | None) -> Cell:
+def _judge_one(source: str, result: ProbeResult, witness: NonceWitness | None) -> Cell:
     target = result.target
-    saw = None if listener is None else listener.saw_nonce(result.nonce)
+    saw = None if witness is None else witness.saw_nonce(result.nonce)
     if target.must_reach:
         expected = EXPECT_CONNECTED
-        passed = result.outcome is Outcome.CONNECTED and result.echoed and saw is not False
+        passed = (
+            result.outcome is Outcome.CONNECTED and result.echoed and saw is not False
+        )
         if passed:
             reason = "reached, and the listener logged the nonce"
         elif result.outcome is Outcome.CONNECTED:
@@ -253,7 +259,9 @@ def _cell_text(cell: Cell) -> str:
 def _render_compact(matrix: Matrix, rows: list[str], columns: list[str]) -> list[str]:
     label_width = max(len(row) for row in rows)
     lines = ["columns: " + ", ".join(f"{i}={c}" for i, c in enumerate(columns))]
-    lines.append(" " * label_width + " " + "".join(str(i % 10) for i in range(len(columns))))
+    lines.append(
+        " " * label_width + " " + "".join(str(i % 10) for i in range(len(columns)))
+    )
     for row in rows:
         glyphs = []
         for column in columns:

@@ -85,9 +85,8 @@ class ProberFailed(BottleError):
 
     def __str__(self) -> str:
         tail = self.output.strip().splitlines()[-3:]
-        return (
-            f"the prober in bottle {self.bottle_id} exited {self.returncode}: "
-            + (" | ".join(tail) or "no output")
+        return f"the prober in bottle {self.bottle_id} exited {self.returncode}: " + (
+            " | ".join(tail) or "no output"
         )
 
 

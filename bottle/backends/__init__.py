@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from importlib.metadata import entry_points
+from importlib.metadata import EntryPoint, entry_points
 
 from bottle.backends.base import (
     Backend,
@@ -38,11 +38,9 @@ DEFAULT_BACKEND = "netns"
 BackendFactory = Callable[[BackendConfig], Backend]
 
 
-def available_backends() -> dict[str, BackendFactory]:
-    """Every registered backend by name."""
-    found: dict[str, BackendFactory] = {}
-    for entry in entry_points(group=ENTRY_POINT_GROUP):
-        found[entry.name] = entry.load()
+def available_backends() -> dict[str, EntryPoint]:
+    """Every registered backend by name (not imported until it is chosen)."""
+    found = {entry.name: entry for entry in entry_points(group=ENTRY_POINT_GROUP)}
     return dict(sorted(found.items()))
 
 
@@ -54,4 +52,5 @@ def load_backend(name: str, config: BackendConfig) -> Backend:
             f"backend {name!r}",
             f"unknown; available: {', '.join(factories) or 'none registered'}",
         )
-    return factories[name](config)
+    factory: BackendFactory = factories[name].load()
+    return factory(config)

@@ -39,6 +39,12 @@ class Requirement:
     detail: str = ""
 
 
+class NonceWitness(Protocol):
+    """The far side of a target: it can tell whether a probe's nonce arrived."""
+
+    def saw_nonce(self, nonce: str) -> bool: ...
+
+
 @dataclasses.dataclass
 class Bottle:
     """A started bottle: where its bundle listens and how to reach its agent."""
@@ -50,10 +56,19 @@ class Bottle:
     backend: str
     bundle_ports: dict[str, int]
     handle: dict[str, Any] = dataclasses.field(default_factory=dict)
+    #: Where the agent dials its bundle (the alias unless the backend puts the
+    #: bundle elsewhere, e.g. a container address on the bottle's network).
+    bundle_host: str = ""
     #: Listeners this process serves for the bundle (echo services).
     bundle_listeners: dict[str, Listener] = dataclasses.field(default_factory=dict)
+    #: The far-side evidence for each bundle service, by service name.
+    bundle_witnesses: dict[str, NonceWitness] = dataclasses.field(default_factory=dict)
     #: Backend facts worth reporting, e.g. whether a workaround was applied.
     facts: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.bundle_host:
+            self.bundle_host = self.alias
 
     @property
     def name(self) -> str:
@@ -89,9 +104,7 @@ class Backend(Protocol):
         """The version of the runtime under the backend (kernel, engine...)."""
         ...
 
-    def start(
-        self, spec: BottleSpec, lease: Lease, hub: ListenerHub
-    ) -> Bottle:
+    def start(self, spec: BottleSpec, lease: Lease, hub: ListenerHub) -> Bottle:
         """Start a bottle on the leased alias.
 
         On failure, remove everything created so far before raising.
@@ -130,6 +143,14 @@ class Backend(Protocol):
 
     def effective_allowlist(self, bottle: Bottle) -> list[str]:
         """The allowlist as the enforcing layer holds it, read back."""
+        ...
+
+    def host_side_addresses(self, bottle: Bottle) -> dict[str, str]:
+        """Addresses at which the bottle sees the host (gateways), by label.
+
+        The suite probes a sentinel bound on every host interface at each of
+        them: container networks have let bottles reach host services there.
+        """
         ...
 
     def attach(self, lease: Lease) -> Bottle:

@@ -215,6 +215,10 @@ class NetnsBackend:
                     found.add(name.removeprefix(TABLE_PREFIX).replace("_", "-"))
         return found
 
+    def host_side_addresses(self, bottle: Bottle) -> dict[str, str]:
+        inner = ipaddress.IPv4Address(bottle.handle["inner_address"])
+        return {"veth-gateway": str(inner - 1)}
+
     def attach(self, lease: Lease) -> Bottle:
         from bottle.spec import AgentSpec
 
@@ -389,6 +393,7 @@ table inet {table} {{
                     label=f"bundle {bottle.name}/{service.name}",
                 )
                 bottle.bundle_listeners[service.name] = listener
+                bottle.bundle_witnesses[service.name] = listener
                 bottle.bundle_ports[service.name] = listener.port
             else:
                 port = service.port or _free_port(bottle.alias)
@@ -422,9 +427,7 @@ def _write_sysctl(key: str, value: str) -> None:
     Path("/proc/sys", key).write_text(value, encoding="ascii")
 
 
-def _run_with_input(
-    argv: list[str], text: str, before: Any = None
-) -> None:
+def _run_with_input(argv: list[str], text: str, before: Any = None) -> None:
     if before is not None:
         before()
     completed = subprocess.run(
