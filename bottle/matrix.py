@@ -229,7 +229,7 @@ def render_text(matrix: Matrix, width: int = 80) -> list[str]:
     rows, columns = matrix.rows, matrix.columns
     if not rows:
         return ["(no cells)"]
-    table = [[""] + columns]
+    table = [["", *columns]]
     for row in rows:
         line = [row]
         for column in columns:

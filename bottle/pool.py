@@ -69,7 +69,9 @@ class AliasRange:
             else:
                 first = last = ipaddress.IPv4Address(text.strip())
         except ValueError as exc:
-            raise BottleUsageError(what, f"not an address range ({exc}); {valid}")
+            raise BottleUsageError(
+                what, f"not an address range ({exc}); {valid}"
+            ) from None
 
         if first > last:
             raise BottleUsageError(what, f"the range is empty; {valid}")
