@@ -22,6 +22,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +42,15 @@ class Touch:
 class Listener:
     """One bound socket and the log of every touch it saw."""
 
-    def __init__(self, sock: socket.socket, proto: str, label: str) -> None:
+    def __init__(
+        self,
+        sock: socket.socket,
+        proto: str,
+        label: str,
+        log_path: Path | None = None,
+    ) -> None:
         self.socket = sock
+        self.log_path = log_path
         self.proto = proto
         self.label = label
         address = sock.getsockname()
@@ -56,6 +64,9 @@ class Listener:
     def record(self, peer: str, nonce: str) -> None:
         with self._guard:
             self._touches.append(Touch(peer, nonce, time.time()))
+            if self.log_path is not None:
+                with self.log_path.open("a", encoding="utf-8") as stream:
+                    stream.write(f"{nonce or '-'} {peer} {self.label}\n")
         log.debug("%s %s:%s touched by %s", self.label, self.host, self.port, peer)
 
     @property
@@ -105,8 +116,13 @@ class ListenerHub:
         proto: str = "tcp",
         label: str = "listener",
         netns: str | None = None,
+        log_path: Path | None = None,
     ) -> Listener:
-        """Bind ``host:port`` (in network namespace ``netns`` if given)."""
+        """Bind ``host:port`` (in network namespace ``netns`` if given).
+
+        With ``log_path``, every touch is also appended to that file as
+        ``NONCE PEER LABEL`` so that other processes can read the evidence.
+        """
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         kind = socket.SOCK_DGRAM if proto == "udp" else socket.SOCK_STREAM
         with _in_network_namespace(netns):
@@ -122,7 +138,7 @@ class ListenerHub:
         except OSError:
             sock.close()
             raise
-        listener = Listener(sock, proto, label)
+        listener = Listener(sock, proto, label, log_path)
         future = asyncio.run_coroutine_threadsafe(self._serve(listener), self._loop)
         future.result(timeout=10)
         self._listeners.append(listener)

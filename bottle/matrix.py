@@ -13,6 +13,7 @@ with no network at all proves nothing, so its other cells are INCONCLUSIVE.
 from __future__ import annotations
 
 import dataclasses
+import textwrap
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -65,6 +66,29 @@ class Cell:
             "passed": self.passed,
             "reason": self.reason,
         }
+
+    @classmethod
+    def from_json(cls, record: Mapping[str, Any]) -> Cell:
+        target = record["target"]
+        return cls(
+            source=str(record["source"]),
+            target=Target(
+                key=str(target["key"]),
+                kind=TargetKind(target["kind"]),
+                host=str(target["host"]),
+                port=int(target["port"]),
+                proto=str(target["proto"]),
+                must_reach=record["expected"] == EXPECT_CONNECTED,
+            ),
+            expected=str(record["expected"]),
+            actual=Outcome(record["actual"]),
+            errno=int(record["errno"]),
+            latency_ms=float(record["latency_ms"]),
+            echoed=bool(record["echoed"]),
+            listener_saw_nonce=record["listener_saw_nonce"],
+            passed=bool(record["passed"]),
+            reason=str(record["reason"]),
+        )
 
 
 def bundle_key(bottle_name: str) -> str:
@@ -236,32 +260,40 @@ def render_text(matrix: Matrix, width: int = 80) -> list[str]:
             cell = matrix.cell(row, column)
             line.append("-" if cell is None else _cell_text(cell))
         table.append(line)
+    legend = "cells: expected/actual; conn = must connect, blk = must be blocked"
+    full = _align(table)
+    if max(len(line) for line in full) <= width:
+        return [*full, legend]
+    numbered = [["", *[str(i) for i in range(len(columns))]], *table[1:]]
+    narrow = _align(numbered)
+    if max(len(line) for line in narrow) <= width:
+        key = "columns: " + ", ".join(f"{i}={c}" for i, c in enumerate(columns))
+        return [*narrow, *textwrap.wrap(key, width, break_on_hyphens=False), legend]
+    return _render_compact(rows, columns, matrix, width)
+
+
+def _align(table: list[list[str]]) -> list[str]:
     widths = [max(len(line[i]) for line in table) for i in range(len(table[0]))]
-    rendered = [
+    return [
         "  ".join(text.ljust(widths[i]) for i, text in enumerate(line)).rstrip()
         for line in table
     ]
-    if max(len(line) for line in rendered) <= width:
-        return [
-            *rendered,
-            "cells: expected/actual (conn = must connect, blk = must be blocked); "
-            "!! marks a mismatch",
-        ]
-    return _render_compact(matrix, rows, columns)
 
 
 def _cell_text(cell: Cell) -> str:
     expected = "conn" if cell.expected == EXPECT_CONNECTED else "blk"
-    mark = "" if cell.passed else " !!"
+    mark = "" if cell.passed else " !!"  # a mismatch stands out
     return f"{expected}/{_SHORT[cell.actual]}{mark}"
 
 
-def _render_compact(matrix: Matrix, rows: list[str], columns: list[str]) -> list[str]:
+def _render_compact(
+    rows: list[str], columns: list[str], matrix: Matrix, width: int
+) -> list[str]:
     label_width = max(len(row) for row in rows)
-    lines = ["columns: " + ", ".join(f"{i}={c}" for i, c in enumerate(columns))]
-    lines.append(
-        " " * label_width + " " + "".join(str(i % 10) for i in range(len(columns)))
-    )
+    key = "columns: " + ", ".join(f"{i}={c}" for i, c in enumerate(columns))
+    lines = textwrap.wrap(key, width, break_on_hyphens=False)
+    digits = "".join(str(i % 10) for i in range(len(columns)))
+    lines.append(" " * label_width + " " + digits)
     for row in rows:
         glyphs = []
         for column in columns:
@@ -274,7 +306,7 @@ def _render_compact(matrix: Matrix, rows: list[str], columns: list[str]) -> list
                 glyphs.append(cell.actual.value[0])
         lines.append(row.ljust(label_width) + " " + "".join(glyphs))
     lines.append(
-        "+ connected as expected, . blocked as expected; a letter is a mismatch's "
-        "actual class (C D R U T E I)"
+        "+ connected as expected, . blocked as expected; a letter is a "
+        "mismatch's actual class (C D R U T E I)"
     )
     return lines

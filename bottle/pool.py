@@ -33,6 +33,9 @@ log = logging.getLogger(__name__)
 DEFAULT_POOL = "127.0.0.16-127.0.0.31"
 LOOPBACK_NET = ipaddress.IPv4Network("127.0.0.0/8")
 LOCALHOST = ipaddress.IPv4Address("127.0.0.1")
+#: The loopback broadcast address: a TCP connect to it fails (ENETUNREACH on
+#: Linux), so a bottle leasing it could not reach its own bundle.
+LOOPBACK_BROADCAST = ipaddress.IPv4Address("127.255.255.255")
 
 #: How long a process waits for another one to finish with the lease file.
 LOCK_TIMEOUT_SECONDS = 30.0
@@ -54,10 +57,13 @@ class AliasRange:
         """Read ``127.0.0.16/28`` or ``127.0.0.16-127.0.0.31``.
 
         Raises :class:`BottleUsageError` for a range that is empty, leaves
-        ``127.0.0.0/8`` or contains ``127.0.0.1``.
+        ``127.0.0.0/8`` or contains ``127.0.0.1`` or ``127.255.255.255``.
         """
         what = f"alias pool {text!r}"
-        valid = "a CIDR or first-last range inside 127.0.0.0/8 without 127.0.0.1"
+        valid = (
+            "a CIDR or first-last range inside 127.0.0.0/8 without 127.0.0.1 "
+            "or 127.255.255.255"
+        )
         try:
             if "/" in text:
                 network = ipaddress.IPv4Network(text.strip(), strict=False)
@@ -79,6 +85,10 @@ class AliasRange:
             raise BottleUsageError(what, f"leaves 127.0.0.0/8; {valid}")
         if first <= LOCALHOST <= last:
             raise BottleUsageError(what, f"contains 127.0.0.1; {valid}")
+        if last == LOOPBACK_BROADCAST:
+            raise BottleUsageError(
+                what, f"contains the broadcast address 127.255.255.255; {valid}"
+            )
         return cls(first, last)
 
     def __str__(self) -> str:
@@ -336,9 +346,19 @@ class AliasPool:
 
     def _read(self) -> dict[str, Lease]:
         try:
-            text = self.path.read_text(encoding="utf-8")
+            raw = self.path.read_bytes()
         except FileNotFoundError:
             return {}
+        kept = (
+            "it is kept as it is, since live bottles may hold aliases: check "
+            "them, then remove the file"
+        )
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise LeaseStoreError(
+                str(self.path), f"is not UTF-8 text ({exc}); {kept}"
+            ) from exc
         if not text.strip():
             raise LeaseStoreError(
                 str(self.path),
@@ -351,13 +371,22 @@ class AliasPool:
             if not isinstance(records, list):
                 raise TypeError("the top level is not a list")
             leases = [Lease.from_json(record) for record in records]
+            for lease in leases:
+                ipaddress.IPv4Address(lease.alias)
         except (ValueError, TypeError, KeyError) as exc:
             raise LeaseStoreError(
-                str(self.path),
-                f"cannot be read ({exc}); it is kept as it is, since live "
-                "bottles may hold aliases: check them, then remove the file",
+                str(self.path), f"cannot be read ({exc}); {kept}"
             ) from exc
-        return {lease.alias: lease for lease in leases}
+
+        # A duplicate would be dropped silently by the next write; two bottles
+        # sharing an alias is exactly what the store exists to prevent.
+        by_alias = {lease.alias: lease for lease in leases}
+        bottle_ids = {lease.bottle_id for lease in leases}
+        if len(by_alias) != len(leases) or len(bottle_ids) != len(leases):
+            raise LeaseStoreError(
+                str(self.path), f"leases the same alias or bottle twice; {kept}"
+            )
+        return by_alias
 
     def _write(self, leases: dict[str, Lease]) -> None:
         records = [lease.to_json() for lease in _sorted(leases.values())]

@@ -1,0 +1,264 @@
+"""A stand-in for an outside address, so that no probe ever leaves the host.
+
+The conformance suite probes an egress target (``8.8.8.8:53`` by default) from
+inside bottles that must block it.  If isolation is broken, that packet
+leaves.  On machines where nothing may leave (CI, this project's own tests)
+the target is a test address such as ``198.51.100.53`` owned by a network
+namespace of our own: the host reaches it by one ``/32`` route through a veth,
+and a nonce listener inside logs every probe that arrives, so a leak is seen
+from the far side instead of escaping.
+
+The stand-in's log is a file, so processes other than the one that made the
+stand-in (pytest-xdist workers) can read the evidence.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import ipaddress
+import json
+import logging
+import os
+import subprocess
+from pathlib import Path
+
+from bottle.errors import BottleUsageError, CommandFailed
+from bottle.listeners import Listener, ListenerHub
+from bottle.pool import AliasPool, Owner
+
+log = logging.getLogger(__name__)
+
+STANDIN_PREFIX = "bs-"
+_STANDIN_VETH_PREFIX = "bsh"
+_INNER_VETH = "bs0"
+
+
+def standin_netns(run: str) -> str:
+    return f"{STANDIN_PREFIX}{run}"
+
+
+def _standin_veth(run: str) -> str:
+    return _STANDIN_VETH_PREFIX + hashlib.sha1(run.encode()).hexdigest()[:10]
+
+
+@dataclasses.dataclass(frozen=True)
+class FileWitness:
+    """Reads a nonce log written by a listener, possibly in another process."""
+
+    path: Path
+
+    def saw_nonce(self, nonce: str) -> bool:
+        try:
+            text = self.path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return False
+        return any(line.split(" ", 1)[0] == nonce for line in text.splitlines())
+
+
+@dataclasses.dataclass
+class StandIn:
+    """A namespace that owns ``address`` and logs every nonce sent to it."""
+
+    run: str
+    address: str
+    port: int
+    log_path: Path
+    listeners: list[Listener] = dataclasses.field(default_factory=list)
+
+    @property
+    def witness(self) -> FileWitness:
+        return FileWitness(self.log_path)
+
+    def describe(self) -> dict[str, object]:
+        return {
+            "run": self.run,
+            "address": self.address,
+            "port": self.port,
+            "log": str(self.log_path),
+        }
+
+
+def start_standin(
+    address: str, port: int, hub: ListenerHub, pool: AliasPool, run: str
+) -> StandIn:
+    """Create the stand-in namespace for ``address:port`` and its listeners.
+
+    The host gets a ``/32`` route to ``address`` and nothing else; the stand-in
+    answers on TCP and UDP.  Refuses an address this host already routes
+    somewhere more specific than its default route, so a stand-in can never
+    take over the path to the host's uplink, resolver or package mirrors.
+    """
+    target = ipaddress.ip_address(address)
+    if not isinstance(target, ipaddress.IPv4Address) or target.is_loopback:
+        raise BottleUsageError(
+            f"egress stand-in address {address}",
+            "must be a non-loopback IPv4 address such as 198.51.100.53",
+        )
+    _refuse_used_address(address)
+
+    namespace = standin_netns(run)
+    veth = _standin_veth(run)
+    host_side = _host_side_address(target)
+    record_dir = pool.state_dir / "standins"
+    record_dir.mkdir(parents=True, exist_ok=True)
+    record = record_dir / f"{run}.json"
+    log_path = record_dir / f"{run}.nonces"
+    owner = Owner.current()
+    record.write_text(
+        json.dumps({"pid": owner.pid, "started": owner.started, "address": address})
+    )
+    standin = StandIn(run, address, port, log_path)
+    try:
+        _run(
+            ["ip", "-batch", "-"],
+            f"netns add {namespace}\n"
+            f"link add {veth} type veth peer name {_INNER_VETH} netns {namespace}\n"
+            f"addr add {host_side}/32 dev {veth}\n"
+            f"link set {veth} up\n"
+            f"route add {address}/32 dev {veth} src {host_side}\n",
+        )
+        _run(
+            ["ip", "-n", namespace, "-batch", "-"],
+            "link set lo up\n"
+            f"addr add {address}/32 dev {_INNER_VETH}\n"
+            f"link set {_INNER_VETH} up\n"
+            f"route add {host_side}/32 dev {_INNER_VETH}\n"
+            f"route add default via {host_side} dev {_INNER_VETH}\n",
+        )
+        for proto in ("tcp", "udp"):
+            listener = hub.listen(
+                address,
+                port,
+                proto=proto,
+                label=f"egress stand-in {proto}",
+                netns=namespace,
+                log_path=log_path,
+            )
+            standin.listeners.append(listener)
+    except BaseException:
+        stop_standin(standin, hub)
+        raise
+    log.info("egress stand-in %s:%d in namespace %s", address, port, namespace)
+    return standin
+
+
+def stop_standin(standin: StandIn, hub: ListenerHub | None) -> None:
+    """Remove the stand-in's listeners, namespace, route and records."""
+    if hub is not None:
+        for listener in standin.listeners:
+            hub.close(listener)
+    standin.listeners.clear()
+    _remove(standin.run)
+    with contextlib.suppress(FileNotFoundError):
+        standin.log_path.unlink()
+
+
+def reap_standins(pool: AliasPool) -> list[str]:
+    """Remove stand-ins whose owner is dead (or unknown); returns their runs."""
+    listing = subprocess.run(
+        ["ip", "netns", "list"], capture_output=True, text=True, check=False
+    ).stdout
+    removed = []
+    record_dir = pool.state_dir / "standins"
+    with pool.locked():
+        for line in listing.splitlines():
+            name = line.split(" ", 1)[0]
+            if not name.startswith(STANDIN_PREFIX):
+                continue
+            run = name.removeprefix(STANDIN_PREFIX)
+            if _owner_alive(record_dir / f"{run}.json"):
+                continue
+            _remove(run)
+            for suffix in (".json", ".nonces"):
+                with contextlib.suppress(FileNotFoundError):
+                    (record_dir / f"{run}{suffix}").unlink()
+            removed.append(run)
+    return removed
+
+
+def _owner_alive(record: Path) -> bool:
+    try:
+        data = json.loads(record.read_text(encoding="utf-8"))
+        return Owner(int(data["pid"]), float(data["started"])).is_alive()
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def _remove(run: str) -> None:
+    for argv in (
+        ["ip", "netns", "delete", standin_netns(run)],
+        ["ip", "link", "delete", _standin_veth(run)],
+    ):
+        subprocess.run(argv, capture_output=True, check=False)
+
+
+def _host_side_address(target: ipaddress.IPv4Address) -> ipaddress.IPv4Address:
+    # The host end of the veth needs an address for the stand-in to answer
+    # to; take the target's neighbour, which is as unused as the target.
+    return target + 1 if int(target) & 0xFF != 0xFE else target - 1
+
+
+def _refuse_used_address(address: str) -> None:
+    target = ipaddress.IPv4Address(address)
+    for used in _addresses_this_host_depends_on():
+        if target in ipaddress.IPv4Network(f"{used}/24", strict=False):
+            raise BottleUsageError(
+                f"egress stand-in address {address}",
+                f"is in the /24 of {used}, which this host uses (uplink, "
+                "resolver or package mirror); use a test address such as "
+                "198.51.100.53",
+            )
+    if os.geteuid() != 0:
+        raise BottleUsageError(
+            "egress stand-in", "needs root to create a network namespace"
+        )
+
+
+def _addresses_this_host_depends_on() -> set[str]:
+    """Addresses of this host's links and routes, resolver and /etc/hosts."""
+    found: set[str] = set()
+    routes = subprocess.run(
+        ["ip", "-j", "-4", "route", "show", "table", "all"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    with contextlib.suppress(ValueError):
+        for route in json.loads(routes.stdout or "[]"):
+            for key in ("gateway", "prefsrc"):
+                if key in route:
+                    found.add(route[key])
+    for path, pattern in (
+        ("/etc/resolv.conf", "nameserver"),
+        ("/etc/hosts", ""),
+    ):
+        with contextlib.suppress(OSError):
+            for line in Path(path).read_text(encoding="utf-8").splitlines():
+                fields = line.split("#", 1)[0].split()
+                if pattern and fields[:1] == [pattern] and len(fields) > 1:
+                    found.add(fields[1])
+                elif not pattern and fields:
+                    found.add(fields[0])
+    return {
+        address
+        for address in found
+        if _is_ipv4(address) and not ipaddress.IPv4Address(address).is_loopback
+    }
+
+
+def _is_ipv4(text: str) -> bool:
+    try:
+        ipaddress.IPv4Address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _run(argv: list[str], text: str) -> None:
+    completed = subprocess.run(
+        argv, input=text, capture_output=True, text=True, check=False, timeout=30
+    )
+    if completed.returncode != 0:
+        raise CommandFailed(argv, completed.returncode, completed.stderr)

@@ -1,0 +1,84 @@
+"""The isolation contract of a bottle, one test per cell of the matrix.
+
+The agent reaches its own bundle, and nothing else: not another bottle's
+bundle, not a service on the host's loopback or on any host address, not the
+outside.  Every cell is recorded for the matrix in the terminal summary.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+
+from bottle.backends import Backend
+from bottle.matrix import Cell
+from conformance.conftest import BOTTLE_NAMES, ConformanceRun
+from pytest_bottle.plugin import record_cell
+
+RecordProperty = Callable[[str, object], None]
+PAIRS = [(a, b) for a in BOTTLE_NAMES for b in BOTTLE_NAMES if a != b]
+
+
+def check(cell: Cell, record_property: RecordProperty) -> None:
+    record_cell(record_property, cell)
+    assert cell.passed, (
+        f"{cell.source} -> {cell.column} ({cell.target.address}): expected "
+        f"{cell.expected}, got {cell.actual}: {cell.reason}"
+    )
+
+
+@pytest.mark.parametrize("source", BOTTLE_NAMES)
+def test_reaches_own_bundle(
+    source: str, conformance_run: ConformanceRun, record_property: RecordProperty
+) -> None:
+    check(conformance_run.cell(source, f"bundle:{source}"), record_property)
+
+
+@pytest.mark.parametrize(("source", "other"), PAIRS)
+def test_cannot_reach_other_bundle(
+    source: str,
+    other: str,
+    conformance_run: ConformanceRun,
+    record_property: RecordProperty,
+) -> None:
+    check(conformance_run.cell(source, f"bundle:{other}"), record_property)
+
+
+@pytest.mark.parametrize("source", BOTTLE_NAMES)
+def test_cannot_reach_loopback_sentinel(
+    source: str, conformance_run: ConformanceRun, record_property: RecordProperty
+) -> None:
+    check(conformance_run.cell(source, "sentinel:127.0.0.1"), record_property)
+
+
+@pytest.mark.parametrize("source", BOTTLE_NAMES)
+def test_cannot_reach_egress_target(
+    source: str, conformance_run: ConformanceRun, record_property: RecordProperty
+) -> None:
+    check(conformance_run.cell(source, "egress"), record_property)
+
+
+@pytest.mark.parametrize("source", BOTTLE_NAMES)
+def test_cannot_reach_host_addresses(
+    source: str, conformance_run: ConformanceRun, record_property: RecordProperty
+) -> None:
+    """A sentinel on every host interface, probed at the bottle's gateways and at
+    every address the host owns: container networks have leaked this way."""
+    cells = conformance_run.cells_of(source, ("gateway:", "host:"))
+    assert cells, "no host address or gateway was probed"
+    for cell in cells:
+        record_cell(record_property, cell)
+    leaks = [cell for cell in cells if not cell.passed]
+    assert not leaks, "; ".join(
+        f"{c.column} ({c.target.address}): got {c.actual}: {c.reason}" for c in leaks
+    )
+
+
+@pytest.mark.parametrize("source", BOTTLE_NAMES)
+def test_effective_allowlist_is_own_alias(
+    source: str, conformance_run: ConformanceRun, bottle_backend: Backend
+) -> None:
+    """Read back from the enforcing layer, not from what was asked for."""
+    bottle = conformance_run.bottles[source]
+    assert bottle_backend.effective_allowlist(bottle) == [f"{bottle.alias}/32"]

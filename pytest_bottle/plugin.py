@@ -1,0 +1,444 @@
+"""The pytest plugin: options, fixtures and the isolation matrix summary.
+
+It stays thin: everything that starts, probes or judges a bottle lives in
+the ``bottle`` library.  A backend's SDK is imported only when that backend is
+chosen (backends are entry points, loaded on use).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bottle import BackendConfig, load_backend
+from bottle.backends import DEFAULT_BACKEND, Backend, Bottle, available_backends
+from bottle.errors import BackendUnavailable, BottleUsageError
+from bottle.launcher import Launcher, new_run_label, reap
+from bottle.listeners import Listener, ListenerHub
+from bottle.matrix import Cell, Matrix, render_text
+from bottle.pool import AliasPool, pool_from_environment
+from bottle.probe import DEFAULT_PROBE_TIMEOUT_SECONDS
+from bottle.spec import ALIAS_ENTRY, BottleSpec
+from bottle.standin import (
+    FileWitness,
+    StandIn,
+    reap_standins,
+    start_standin,
+    stop_standin,
+)
+from bottle.suite import DEFAULT_EGRESS_TARGET, Sentinels, parse_host_port
+
+log = logging.getLogger(__name__)
+
+#: A user property on each conformance test's report carrying its cell, so the
+#: controller can draw the matrix even when pytest-xdist workers ran the tests.
+CELL_PROPERTY = "bottle_cell"
+_STANDIN_ENV = "BOTTLE_EGRESS_STANDIN"
+_FIXTURES = {"bottle_backend", "bottle_factory", "bottle", "bottle_sentinel"}
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("bottle", "bot-bottle isolation")
+
+    def add(flag: str, ini: str, help_text: str, **kwargs: Any) -> None:
+        ini_type = kwargs.pop("ini_type", "string")
+        group.addoption(flag, dest=ini, help=help_text, **kwargs)
+        parser.addini(ini, help=help_text, type=ini_type)
+
+    add(
+        "--bottle-backend",
+        "bottle_backend",
+        f"Backend bottles run on (default: {DEFAULT_BACKEND})",
+        metavar="NAME",
+    )
+    add(
+        "--bottle-egress-target",
+        "bottle_egress_target",
+        f"HOST:PORT every bottle must not reach (default: {DEFAULT_EGRESS_TARGET})",
+        metavar="HOST:PORT",
+    )
+    add(
+        "--bottle-pool",
+        "bottle_pool",
+        "Loopback alias pool, as a CIDR or first-last range "
+        "(default: $BOTTLE_POOL or 127.0.0.16-127.0.0.31)",
+        metavar="RANGE",
+    )
+    add(
+        "--bottle-allowlist",
+        "bottle_allowlist",
+        f"Comma-separated allowlist of the suite's bottles; {ALIAS_ENTRY!r} is "
+        f"each bottle's own alias /32 (default: {ALIAS_ENTRY})",
+        metavar="CIDRS",
+    )
+    add(
+        "--bottle-backend-option",
+        "bottle_backend_options",
+        "Backend-specific setting KEY=VALUE (repeatable)",
+        action="append",
+        metavar="KEY=VALUE",
+        ini_type="linelist",
+    )
+    add(
+        "--bottle-egress-standin",
+        "bottle_egress_standin",
+        "Own the egress target in a stand-in namespace of this run, so that "
+        "no probe can leave the machine (needs root and a test address)",
+        action="store_true",
+        default=None,
+        ini_type="bool",
+    )
+    add(
+        "--bottle-probe-timeout",
+        "bottle_probe_timeout",
+        f"Seconds a probe waits for an answer (default: "
+        f"{DEFAULT_PROBE_TIMEOUT_SECONDS})",
+        metavar="SECONDS",
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class BottleOptions:
+    """The plugin's options, read from the command line or the ini file."""
+
+    backend: str
+    egress: tuple[str, int]
+    pool: str | None
+    allowlist: tuple[str, ...]
+    backend_options: dict[str, str]
+    egress_standin: bool
+    probe_timeout: float
+
+    @classmethod
+    def from_config(cls, config: pytest.Config) -> BottleOptions:
+        def get(name: str) -> Any:
+            value = config.getoption(name)
+            return config.getini(name) if value in (None, []) else value
+
+        backend = get("bottle_backend") or DEFAULT_BACKEND
+        known = available_backends()
+        if backend not in known:
+            raise pytest.UsageError(
+                f"--bottle-backend={backend}: unknown backend; "
+                f"available: {', '.join(known)}"
+            )
+        egress_text = get("bottle_egress_target") or DEFAULT_EGRESS_TARGET
+        try:
+            egress = parse_host_port(egress_text)
+            pool = get("bottle_pool") or None
+            pool_from_environment(pool)
+            allowlist = tuple(
+                entry.strip()
+                for entry in (get("bottle_allowlist") or ALIAS_ENTRY).split(",")
+                if entry.strip()
+            )
+            BottleSpec("check", allowlist=allowlist)
+        except BottleUsageError as exc:
+            raise pytest.UsageError(f"bot-bottle option: {exc}") from None
+        backend_options = {}
+        for item in get("bottle_backend_options") or []:
+            key, sep, value = item.partition("=")
+            if not sep or not key:
+                raise pytest.UsageError(
+                    f"--bottle-backend-option={item}: use KEY=VALUE"
+                )
+            backend_options[key.strip()] = value.strip()
+        timeout_text = get("bottle_probe_timeout") or DEFAULT_PROBE_TIMEOUT_SECONDS
+        try:
+            probe_timeout = float(timeout_text)
+            if probe_timeout <= 0:
+                raise ValueError(timeout_text)
+        except ValueError:
+            raise pytest.UsageError(
+                f"--bottle-probe-timeout={timeout_text}: use a positive number"
+            ) from None
+        return cls(
+            backend=backend,
+            egress=egress,
+            pool=pool,
+            allowlist=allowlist,
+            backend_options=backend_options,
+            egress_standin=bool(get("bottle_egress_standin")),
+            probe_timeout=probe_timeout,
+        )
+
+
+_OPTIONS_KEY = pytest.StashKey[BottleOptions]()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    options = BottleOptions.from_config(config)
+    config.stash[_OPTIONS_KEY] = options
+    config.pluginmanager.register(MatrixCollector(options.backend), "bottle-matrix")
+    config.addinivalue_line(
+        "markers",
+        "bottle_spec(**fields): fields of the spec the `bottle` fixture starts",
+    )
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Fail at once, in one line, when the chosen backend cannot run here."""
+    uses_bottles = any(
+        _FIXTURES & set(getattr(item, "fixturenames", ())) for item in session.items
+    )
+    if not uses_bottles:
+        return
+    try:
+        _backend_for(session.config).check()
+    except (BackendUnavailable, BottleUsageError) as exc:
+        raise pytest.UsageError(str(exc)) from None
+
+
+def _backend_for(config: pytest.Config) -> Backend:
+    options = config.stash[_OPTIONS_KEY]
+    pool = AliasPool(pool_from_environment(options.pool))
+    return load_backend(
+        options.backend, BackendConfig(pool.state_dir, options.backend_options)
+    )
+
+
+class BottleFactory:
+    """Starts bottles for tests and stops every one at the end of the session."""
+
+    def __init__(self, launcher: Launcher, options: BottleOptions) -> None:
+        self.launcher = launcher
+        self.options = options
+
+    @property
+    def backend(self) -> Backend:
+        return self.launcher.backend
+
+    @property
+    def hub(self) -> ListenerHub:
+        return self.launcher.hub
+
+    def spec(self, name: str, **fields: Any) -> BottleSpec:
+        """A spec with the session's allowlist unless ``fields`` overrides it."""
+        fields.setdefault("allowlist", self.options.allowlist)
+        return BottleSpec(name, **fields)
+
+    def start(self, spec: BottleSpec | str, **fields: Any) -> Bottle:
+        if isinstance(spec, str):
+            spec = self.spec(spec, **fields)
+        return self.launcher.start(spec)
+
+    def start_many(self, specs: list[BottleSpec]) -> list[Bottle]:
+        return self.launcher.start_many(specs)
+
+    def stop(self, bottle: Bottle) -> None:
+        self.launcher.stop(bottle)
+
+
+@pytest.fixture(scope="session")
+def bottle_options(pytestconfig: pytest.Config) -> BottleOptions:
+    """The plugin's options for this session (backend, pool, egress, ...)."""
+    return pytestconfig.stash[_OPTIONS_KEY]
+
+
+@pytest.fixture(scope="session")
+def bottle_backend(pytestconfig: pytest.Config) -> Backend:
+    """The backend chosen with ``--bottle-backend``, checked to run here."""
+    backend = _backend_for(pytestconfig)
+    backend.check()
+    return backend
+
+
+@pytest.fixture(scope="session")
+def bottle_pool(bottle_options: BottleOptions) -> AliasPool:
+    """The loopback alias pool shared with every process on this host."""
+    return AliasPool(pool_from_environment(bottle_options.pool))
+
+
+@pytest.fixture(scope="session")
+def bottle_factory(
+    bottle_backend: Backend,
+    bottle_pool: AliasPool,
+    bottle_options: BottleOptions,
+    pytestconfig: pytest.Config,
+) -> Iterator[BottleFactory]:
+    """Starts bottles on the chosen backend; all are stopped after the session.
+
+    Leftovers of dead runs are reaped first, and the terminal says so.
+    """
+    reaped = reap(bottle_backend, bottle_pool) + reap_standins(bottle_pool)
+    if reaped:
+        _write_line(
+            pytestconfig,
+            f"bot-bottle: removed {len(reaped)} leftover(s) of dead runs: "
+            + ", ".join(reaped),
+        )
+    launcher = Launcher(bottle_backend, bottle_pool, run=new_run_label())
+    factory = BottleFactory(launcher, bottle_options)
+    try:
+        yield factory
+    finally:
+        launcher.stop_all()
+
+
+@pytest.fixture
+def bottle(
+    bottle_factory: BottleFactory, request: pytest.FixtureRequest
+) -> Iterator[Bottle]:
+    """A fresh bottle for one test, stopped after it.
+
+    Mark the test with ``@pytest.mark.bottle_spec(allowlist=[...])`` to change
+    its spec.
+    """
+    marker = request.node.get_closest_marker("bottle_spec")
+    fields = dict(marker.kwargs) if marker else {}
+    name = fields.pop("name", f"t{abs(hash(request.node.nodeid)) % 10**6}")
+    started = bottle_factory.start(name, **fields)
+    try:
+        yield started
+    finally:
+        bottle_factory.stop(started)
+
+
+@pytest.fixture(scope="session")
+def bottle_sentinels(bottle_factory: BottleFactory) -> Iterator[Sentinels]:
+    """Host listeners no bottle may reach: 127.0.0.1 and every interface."""
+    sentinels = Sentinels.start(bottle_factory.hub)
+    try:
+        yield sentinels
+    finally:
+        sentinels.close(bottle_factory.hub)
+
+
+@pytest.fixture(scope="session")
+def bottle_sentinel(bottle_sentinels: Sentinels) -> Listener:
+    """A host listener on ``127.0.0.1`` (free port) that logs every nonce."""
+    return bottle_sentinels.loopback
+
+
+@dataclasses.dataclass(frozen=True)
+class EgressTarget:
+    """The outside address bottles must not reach, and who can witness it."""
+
+    host: str
+    port: int
+    witness: FileWitness | None
+
+
+@pytest.fixture(scope="session")
+def bottle_egress(
+    bottle_options: BottleOptions, bottle_factory: BottleFactory
+) -> Iterator[EgressTarget]:
+    """The egress target, owned by a stand-in namespace when asked for.
+
+    Under pytest-xdist the controller makes the stand-in and the workers read
+    its nonce log, so there is one stand-in per run.
+    """
+    host, port = bottle_options.egress
+    shared = os.environ.get(_STANDIN_ENV)
+    if shared:
+        yield EgressTarget(host, port, FileWitness(Path(shared)))
+        return
+    if not bottle_options.egress_standin:
+        yield EgressTarget(host, port, None)
+        return
+    standin = start_standin(
+        host,
+        port,
+        bottle_factory.hub,
+        bottle_factory.launcher.pool,
+        bottle_factory.launcher.run,
+    )
+    try:
+        yield EgressTarget(host, port, standin.witness)
+    finally:
+        stop_standin(standin, bottle_factory.hub)
+
+
+# -- pytest-xdist: one stand-in for the whole run ------------------------------
+
+_CONTROLLER_STANDIN = pytest.StashKey[tuple[StandIn, ListenerHub]]()
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_setupnodes(config: pytest.Config, specs: list[Any]) -> None:
+    options = config.stash[_OPTIONS_KEY]
+    if not options.egress_standin or _STANDIN_ENV in os.environ:
+        return
+    hub = ListenerHub()
+    pool = AliasPool(pool_from_environment(options.pool))
+    reap_standins(pool)
+    standin = start_standin(*options.egress, hub, pool, new_run_label())
+    config.stash[_CONTROLLER_STANDIN] = (standin, hub)
+    os.environ[_STANDIN_ENV] = str(standin.log_path)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    held = config.stash.get(_CONTROLLER_STANDIN, None)
+    if held is not None:
+        standin, hub = held
+        stop_standin(standin, hub)
+        hub.shutdown()
+        os.environ.pop(_STANDIN_ENV, None)
+
+
+# -- the matrix in the terminal summary ----------------------------------------
+
+
+def record_cell(record_property: Callable[[str, object], None], cell: Cell) -> None:
+    """Attach ``cell`` to the current test's report for the summary."""
+    record_property(CELL_PROPERTY, json.dumps(cell.to_json()))
+
+
+class MatrixCollector:
+    """Gathers every cell reported by the tests and draws the matrix."""
+
+    def __init__(self, backend: str) -> None:
+        self.backend = backend
+        self.cells: list[Cell] = []
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        if report.when != "call":
+            return
+        for name, value in report.user_properties:
+            if name == CELL_PROPERTY:
+                self.cells.append(Cell.from_json(json.loads(str(value))))
+
+    def pytest_terminal_summary(self, terminalreporter: Any) -> None:
+        if not self.cells:
+            return
+        matrix = Matrix(self.backend, list(self.cells))
+        terminalreporter.write_sep("=", f"bottle isolation matrix ({self.backend})")
+        for line in render_text(matrix, width=terminalreporter._tw.fullwidth):
+            terminalreporter.write_line(line)
+        failures = matrix.failures()
+        for cell in failures:
+            terminalreporter.write_line(
+                f"  {cell.source} -> {cell.column} ({cell.target.address}): "
+                f"expected {cell.expected}, got {cell.actual}: {cell.reason}",
+                red=True,
+            )
+        verdict = (
+            "every cell as expected"
+            if not failures
+            else f"{len(failures)} cell(s) differ from what was expected"
+        )
+        terminalreporter.write_line(f"bottle verdict: {verdict}")
+
+
+def _write_line(config: pytest.Config, line: str) -> None:
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line(line)
+    else:
+        log.info("%s", line)
+
+
+__all__ = [
+    "BottleFactory",
+    "BottleOptions",
+    "EgressTarget",
+    "MatrixCollector",
+    "record_cell",
+]
