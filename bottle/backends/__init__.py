@@ -17,7 +17,7 @@ from bottle.backends.base import (
     ExecResult,
     Requirement,
 )
-from bottle.errors import BottleUsageError
+from bottle.errors import BackendUnavailable, BottleUsageError
 
 __all__ = [
     "DEFAULT_BACKEND",
@@ -52,5 +52,10 @@ def load_backend(name: str, config: BackendConfig) -> Backend:
             f"backend {name!r}",
             f"unknown; available: {', '.join(factories) or 'none registered'}",
         )
-    factory: BackendFactory = factories[name].load()
+    try:
+        factory: BackendFactory = factories[name].load()
+    except ImportError as exc:
+        raise BackendUnavailable(
+            name, f"its module could not be imported ({exc})"
+        ) from exc
     return factory(config)
