@@ -232,14 +232,15 @@ class Matrix:
         return [cell for cell in self.cells if not cell.passed]
 
 
+#: Four-letter codes keep a two-bottle matrix within 80 columns.
 _SHORT = {
     Outcome.CONNECTED: "CONN",
     Outcome.DENIED: "DENY",
-    Outcome.REFUSED: "REFUSE",
-    Outcome.UNREACHABLE: "UNREACH",
-    Outcome.TIMEOUT: "TIMEOUT",
-    Outcome.ERROR: "ERROR",
-    Outcome.INCONCLUSIVE: "INCONCLUSIVE",
+    Outcome.REFUSED: "REFU",
+    Outcome.UNREACHABLE: "UNRE",
+    Outcome.TIMEOUT: "TIME",
+    Outcome.ERROR: "ERRO",
+    Outcome.INCONCLUSIVE: "INCO",
 }
 
 
@@ -260,7 +261,10 @@ def render_text(matrix: Matrix, width: int = 80) -> list[str]:
             cell = matrix.cell(row, column)
             line.append("-" if cell is None else _cell_text(cell))
         table.append(line)
-    legend = "cells: expected/actual; conn = must connect, blk = must be blocked"
+    legend = (
+        "cells: expected/actual; conn = must connect, blk = must be blocked, "
+        "! = mismatch"
+    )
     full = _align(table)
     if max(len(line) for line in full) <= width:
         return [*full, legend]
@@ -282,7 +286,7 @@ def _align(table: list[list[str]]) -> list[str]:
 
 def _cell_text(cell: Cell) -> str:
     expected = "conn" if cell.expected == EXPECT_CONNECTED else "blk"
-    mark = "" if cell.passed else " !!"  # a mismatch stands out
+    mark = "" if cell.passed else "!"  # a mismatch stands out
     return f"{expected}/{_SHORT[cell.actual]}{mark}"
 
 

@@ -171,15 +171,40 @@ class BottleOptions:
 
 
 _OPTIONS_KEY = pytest.StashKey[BottleOptions]()
+_RUN_KEY = pytest.StashKey[str]()
 
 
 def pytest_configure(config: pytest.Config) -> None:
     options = BottleOptions.from_config(config)
     config.stash[_OPTIONS_KEY] = options
+    config.stash[_RUN_KEY] = _run_label(config)
     config.pluginmanager.register(MatrixCollector(options.backend), "bottle-matrix")
     config.addinivalue_line(
         "markers",
         "bottle_spec(**fields): fields of the spec the `bottle` fixture starts",
+    )
+
+
+def _run_label(config: pytest.Config) -> str:
+    """One label for the run; each pytest-xdist worker adds its number."""
+    worker_input = getattr(config, "workerinput", None)
+    if worker_input is None:
+        return new_run_label()
+    worker = str(worker_input["workerid"]).removeprefix("gw")
+    return f"{worker_input['bottle_run']}w{worker}"
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node: Any) -> None:
+    node.workerinput["bottle_run"] = node.config.stash[_RUN_KEY]
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    options = config.stash[_OPTIONS_KEY]
+    pool = options.pool or str(pool_from_environment(None))
+    return (
+        f"bot-bottle: backend {options.backend}, run {config.stash[_RUN_KEY]}, "
+        f"pool {pool}"
     )
 
 
@@ -274,7 +299,8 @@ def bottle_factory(
             f"bot-bottle: removed {len(reaped)} leftover(s) of dead runs: "
             + ", ".join(reaped),
         )
-    launcher = Launcher(bottle_backend, bottle_pool, run=new_run_label())
+    run = pytestconfig.stash[_RUN_KEY]
+    launcher = Launcher(bottle_backend, bottle_pool, run=run)
     factory = BottleFactory(launcher, bottle_options)
     try:
         yield factory
@@ -369,7 +395,7 @@ def pytest_xdist_setupnodes(config: pytest.Config, specs: list[Any]) -> None:
     hub = ListenerHub()
     pool = AliasPool(pool_from_environment(options.pool))
     reap_standins(pool)
-    standin = start_standin(*options.egress, hub, pool, new_run_label())
+    standin = start_standin(*options.egress, hub, pool, config.stash[_RUN_KEY])
     config.stash[_CONTROLLER_STANDIN] = (standin, hub)
     os.environ[_STANDIN_ENV] = str(standin.log_path)
 

@@ -266,9 +266,7 @@ def test_sixteen_bottles_hold_the_sixteen_default_aliases_and_a_17th_is_refused(
 
     leases = [pool.acquire(f"bottle-{n}", backend="netns") for n in range(16)]
 
-    assert [lease.alias for lease in leases] == [
-        f"127.0.0.{n}" for n in range(16, 32)
-    ]
+    assert [lease.alias for lease in leases] == [f"127.0.0.{n}" for n in range(16, 32)]
     assert pool.leases() == leases
     with pytest.raises(PoolExhausted) as caught:
         pool.acquire("bottle-16")
@@ -512,8 +510,6 @@ def test_live_owners_are_never_reclaimed(tmp_path: Path) -> None:
 # --- Model-based state machine -------------------------------------------------
 
 MAX_OWNERS = 6
-import collections
-STATS = collections.Counter()
 
 
 def test_pool_matches_a_plain_model_under_acquire_release_death_reclaim(
@@ -543,7 +539,6 @@ def test_pool_matches_a_plain_model_under_acquire_release_death_reclaim(
         @precondition(lambda self: len(self.owners) < MAX_OWNERS)
         @rule()
         def start_owner(self) -> None:
-            STATS['start_owner'] += 1
             process = subprocess.Popen(["sleep", "120"])
             self.processes.append(process)
             self.owners.append(Owner.of_pid(process.pid))
@@ -552,7 +547,6 @@ def test_pool_matches_a_plain_model_under_acquire_release_death_reclaim(
         @precondition(lambda self: any(self.alive))
         @rule(choice=st.integers(min_value=0, max_value=MAX_OWNERS - 1))
         def acquire(self, choice: int) -> None:
-            STATS['acquire'] += 1
             live = self.live_owners()
             owner_index = live[choice % len(live)]
             bottle_id = f"bottle-{len(self.bottles)}"
@@ -589,7 +583,6 @@ def test_pool_matches_a_plain_model_under_acquire_release_death_reclaim(
         @precondition(lambda self: bool(self.bottles))
         @rule(choice=st.integers(min_value=0, max_value=50))
         def release(self, choice: int) -> None:
-            STATS['release'] += 1
             bottle_id = self.bottles[choice % len(self.bottles)]
             held = [a for a, (b, _) in self.model.items() if b == bottle_id]
 
@@ -608,9 +601,10 @@ def test_pool_matches_a_plain_model_under_acquire_release_death_reclaim(
             reap=st.booleans(),
         )
         def owner_dies(self, choice: int, reap: bool) -> None:
-            STATS['owner_dies'] += 1
+            holding = {index for _, index in self.model.values()}
             live = self.live_owners()
-            index = live[choice % len(live)]
+            candidates = [index for index in live if index in holding] or live
+            index = candidates[choice % len(candidates)]
             process = self.processes[index]
 
             process.kill()
@@ -618,15 +612,13 @@ def test_pool_matches_a_plain_model_under_acquire_release_death_reclaim(
                 process.wait(timeout=10)
             else:
                 wait_until(
-                    lambda: (
-                        psutil.Process(process.pid).status() == psutil.STATUS_ZOMBIE
-                    )
+                    lambda: psutil.Process(process.pid).status() == psutil.STATUS_ZOMBIE
                 )
             self.alive[index] = False
 
+        @precondition(lambda self: bool(self.model))
         @rule(cleanup_fails=st.booleans())
         def reclaim(self, cleanup_fails: bool) -> None:
-            STATS['reclaim'] += 1
             dead = self.dead_in_model()
             seen: list[Lease] = []
 
@@ -636,7 +628,6 @@ def test_pool_matches_a_plain_model_under_acquire_release_death_reclaim(
                     raise RuntimeError("cannot clean up")
 
             dropped = self.pool.reclaim(cleanup)
-            STATS['reclaim_with_dead'] += bool(dead)
 
             assert {s.bottle_id for s in seen} == {b for b, _ in dead.values()}
             if cleanup_fails:
@@ -682,7 +673,6 @@ def test_pool_matches_a_plain_model_under_acquire_release_death_reclaim(
             suppress_health_check=[HealthCheck.too_slow],
         ),
     )
-    print(dict(STATS))
 
 
 # --- Real race between processes ---------------------------------------------
@@ -741,8 +731,10 @@ def test_sixteen_processes_racing_never_hold_the_same_alias_at_once(
         for n in range(RACERS)
     ]
     wait_until(
-        lambda: len(list(markers.glob("ready-*"))) == RACERS
-        or any(racer.poll() is not None for racer in racers),
+        lambda: (
+            len(list(markers.glob("ready-*"))) == RACERS
+            or any(racer.poll() is not None for racer in racers)
+        ),
         timeout=60,
     )
     go.touch()

@@ -1,0 +1,30 @@
+"""Shared set-up of the project's own tests.
+
+Every test runs with its own lease store, and nothing a test does may send a
+packet off this machine: outside targets are stand-ins such as 198.51.100.53.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+#: The stand-in egress target of the project's own tests (TEST-NET-2).
+STANDIN_EGRESS = "198.51.100.53:53"
+
+needs_root_netns = pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("nft") is None,
+    reason="needs root and nftables (`nft`) to create namespaces and rules",
+)
+
+
+@pytest.fixture(autouse=True)
+def private_state_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Each test gets its own lease store, never the user's."""
+    state = tmp_path / "state"
+    monkeypatch.setenv("BOTTLE_STATE_DIR", str(state))
+    monkeypatch.setenv("COLUMNS", "80")
+    return state
