@@ -455,10 +455,13 @@ class MatrixCollector:
 
 def _write_line(config: pytest.Config, line: str) -> None:
     reporter = config.pluginmanager.get_plugin("terminalreporter")
-    if reporter is not None:
-        reporter.write_line(line)
-    else:
+    capture = config.pluginmanager.get_plugin("capturemanager")
+    if reporter is None or capture is None:
         log.info("%s", line)
+        return
+    # Fixtures run with output captured; this line is for the user now.
+    with capture.global_and_fixture_disabled():
+        reporter.write_line(line)
 
 
 __all__ = [

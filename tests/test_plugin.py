@@ -185,13 +185,15 @@ def test_a_killed_run_is_reaped_by_the_next_one(
         text=True,
     )
     assert hung.stdout is not None
+    killed_run = ""
     for line in hung.stdout:
-        if "BOTTLE-UP" in line:
+        found = re.search(r"BOTTLE-UP (\w+)-", line)
+        if found:
+            killed_run = found.group(1)
             break
     hung.send_signal(signal.SIGKILL)
     hung.wait()
     hung.stdout.close()
-    killed_run = line.split()[1].split("-")[0]
     left = subprocess.run(
         ["ip", "netns", "list"], capture_output=True, text=True, check=True
     ).stdout
