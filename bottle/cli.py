@@ -20,7 +20,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +34,7 @@ from bottle.backends import (
 from bottle.errors import BottleError, BottleNotFound, BottleUsageError
 from bottle.launcher import reap
 from bottle.pool import AliasPool, Lease, pool_from_environment
-from bottle.spec import spec_from_mapping
+from bottle.spec import read_spec_file, spec_from_mapping
 
 log = logging.getLogger(__name__)
 
@@ -134,14 +133,7 @@ def _backend(
 def _cmd_up(args: argparse.Namespace, pool: AliasPool) -> int:
     data: dict[str, Any] = {}
     if args.spec is not None:
-        try:
-            data = tomllib.loads(args.spec.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise BottleUsageError(f"spec file {args.spec}", "does not exist") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise BottleUsageError(
-                f"spec file {args.spec}", f"is not TOML: {exc}"
-            ) from None
+        data = read_spec_file(args.spec)
     if args.name:
         data["name"] = args.name
     data.setdefault("name", "bottle")
@@ -154,7 +146,12 @@ def _cmd_up(args: argparse.Namespace, pool: AliasPool) -> int:
     backend_name = args.backend or data.pop("backend", "") or DEFAULT_BACKEND
     options = _options(args.backend_option)
 
-    spec_from_mapping(data)
+    try:
+        spec_from_mapping(data)
+    except BottleUsageError as exc:
+        if args.spec is None:
+            raise
+        raise BottleUsageError(f"spec file {args.spec}", str(exc)) from None
     backend = _backend(backend_name, pool, options)
     backend.check()
     pool.state_dir.mkdir(parents=True, exist_ok=True)

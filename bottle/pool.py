@@ -275,7 +275,7 @@ class AliasPool:
                 holders = [lease.describe() for lease in _sorted(leases.values())]
             if time.monotonic() >= deadline:
                 raise PoolExhausted(str(self.range), holders)
-            time.sleep(0.05)
+            raise PoolExhausted(str(self.range), holders)
 
     def release(self, bottle_id: str) -> Lease | None:
         """Drop the lease of ``bottle_id``; returns it, or None if none."""

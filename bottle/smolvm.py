@@ -112,9 +112,7 @@ class SmolvmVersion:
         if match is None:
             raise ValueError(f"not a smolvm version line: {first!r}")
         major, minor, patch, suffix, rest = match.groups()
-        return cls(
-            int(major), int(minor), int(patch), suffix, fake=FAKE_MARKER in rest
-        )
+        return cls(int(major), int(minor), int(patch), suffix, fake=FAKE_MARKER in rest)
 
     @property
     def triple(self) -> tuple[int, int, int]:
@@ -163,8 +161,9 @@ def find_smolvm(explicit: str | None = None) -> Path:
     path = Path(chosen).expanduser()
     if not path.is_file() or not os.access(path, os.X_OK):
         raise SmolvmUnusable(
-            "binary", str(path), f"smolvm binary: {path} (from {source}) is not an "
-            "executable file"
+            "binary",
+            str(path),
+            f"smolvm binary: {path} (from {source}) is not an executable file",
         )
     return path
 
@@ -320,8 +319,9 @@ class Smolvm:
             )
         except (OSError, subprocess.TimeoutExpired) as exc:
             raise SmolvmUnusable(
-                "binary", str(self.path), f"smolvm binary: {self.path} did not run: "
-                f"{exc}"
+                "binary",
+                str(self.path),
+                f"smolvm binary: {self.path} did not run: {exc}",
             ) from exc
         if completed.returncode != 0:
             detail = (completed.stderr or completed.stdout).strip().splitlines()

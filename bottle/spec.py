@@ -124,16 +124,28 @@ def parse_cidr(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
 
 def load_spec(path: Path) -> BottleSpec:
     """Read a spec from a TOML file; every error names the file."""
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise BottleUsageError(f"spec file {path}", "does not exist") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise BottleUsageError(f"spec file {path}", f"is not TOML: {exc}") from None
+    data = read_spec_file(path)
     try:
         return spec_from_mapping(data)
     except BottleUsageError as exc:
         raise BottleUsageError(f"spec file {path}", str(exc)) from None
+
+
+def read_spec_file(path: Path) -> dict[str, Any]:
+    """The parsed TOML of a spec file; every error names the file."""
+    what = f"spec file {path}"
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise BottleUsageError(what, "does not exist") from None
+    except UnicodeDecodeError:
+        raise BottleUsageError(what, "is not UTF-8 text") from None
+    except OSError as exc:
+        raise BottleUsageError(what, f"cannot be read ({exc.strerror})") from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise BottleUsageError(what, f"is not TOML: {exc}") from None
 
 
 _TOP_KEYS = {"name", "backend", "allowlist", "agent", "bundle", "options"}
@@ -157,11 +169,18 @@ def spec_from_mapping(data: Mapping[str, Any]) -> BottleSpec:
     )
 
     services = []
-    for index, entry in enumerate(data.get("bundle", [{"name": "echo"}])):
+    bundle = data.get("bundle", [{"name": "echo"}])
+    if isinstance(bundle, str) or not isinstance(bundle, Sequence):
+        raise BottleUsageError("bundle", "must be an array of tables ([[bundle]])")
+    for index, entry in enumerate(bundle):
         _reject_unknown(entry, _SERVICE_KEYS, f"[[bundle]] #{index + 1}")
         port = entry.get("port", 0)
-        if not isinstance(port, int):
-            raise BottleUsageError(f"[[bundle]] #{index + 1} port", "not a number")
+        # TOML's true and false are Python ints too.
+        if isinstance(port, bool) or not isinstance(port, int):
+            raise BottleUsageError(
+                f"[[bundle]] #{index + 1} port {port!r}",
+                "not a whole number; use 0 (any free port) or 1-65535",
+            )
         services.append(
             BundleService(
                 name=str(entry.get("name", f"service-{index + 1}")),
@@ -170,13 +189,17 @@ def spec_from_mapping(data: Mapping[str, Any]) -> BottleSpec:
             )
         )
 
+    options = data.get("options", {})
+    if not isinstance(options, Mapping):
+        raise BottleUsageError("options", "must be a table ([options])")
+
     return BottleSpec(
         name=str(data["name"]),
         bundle=tuple(services),
         allowlist=tuple(_strings(data.get("allowlist", [ALIAS_ENTRY]), "allowlist")),
         agent=agent,
         backend=str(data.get("backend", "")),
-        options=dict(data.get("options", {})),
+        options=dict(options),
     )
 
 

@@ -96,10 +96,11 @@ def test_every_fixture_has_a_docstring(pytester: pytest.Pytester) -> None:
         "bottle_pool",
         "bottle_options",
     ):
-        head, _, rest = text.partition(f"\n{fixture} ")
+        _, _, rest = text.partition(f"\n{fixture} ")
         assert rest, f"{fixture} is not listed"
         doc = rest.split("\n", 2)[1]
-        assert doc.strip() and "no docstring" not in doc, f"{fixture}: {doc!r}"
+        assert doc.strip(), f"{fixture} has an empty description"
+        assert "no docstring" not in doc, f"{fixture}: {doc!r}"
 
 
 @needs_root_netns

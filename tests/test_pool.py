@@ -509,7 +509,7 @@ def test_live_owners_are_never_reclaimed(tmp_path: Path) -> None:
 
 # --- Model-based state machine -------------------------------------------------
 
-MAX_OWNERS = 6
+MAX_LIVE_OWNERS = 4
 
 
 def test_pool_matches_a_plain_model_under_acquire_release_death_reclaim(
@@ -536,7 +536,7 @@ def test_pool_matches_a_plain_model_under_acquire_release_death_reclaim(
                 if not self.alive[held[1]]
             }
 
-        @precondition(lambda self: len(self.owners) < MAX_OWNERS)
+        @precondition(lambda self: len(self.live_owners()) < MAX_LIVE_OWNERS)
         @rule()
         def start_owner(self) -> None:
             process = subprocess.Popen(["sleep", "120"])
@@ -545,7 +545,7 @@ def test_pool_matches_a_plain_model_under_acquire_release_death_reclaim(
             self.alive.append(True)
 
         @precondition(lambda self: any(self.alive))
-        @rule(choice=st.integers(min_value=0, max_value=MAX_OWNERS - 1))
+        @rule(choice=st.integers(min_value=0, max_value=MAX_LIVE_OWNERS - 1))
         def acquire(self, choice: int) -> None:
             live = self.live_owners()
             owner_index = live[choice % len(live)]
@@ -597,7 +597,7 @@ def test_pool_matches_a_plain_model_under_acquire_release_death_reclaim(
 
         @precondition(lambda self: any(self.alive))
         @rule(
-            choice=st.integers(min_value=0, max_value=MAX_OWNERS - 1),
+            choice=st.integers(min_value=0, max_value=MAX_LIVE_OWNERS - 1),
             reap=st.booleans(),
         )
         def owner_dies(self, choice: int, reap: bool) -> None:
@@ -616,7 +616,7 @@ def test_pool_matches_a_plain_model_under_acquire_release_death_reclaim(
                 )
             self.alive[index] = False
 
-        @precondition(lambda self: bool(self.model))
+        @precondition(lambda self: bool(self.dead_in_model()))
         @rule(cleanup_fails=st.booleans())
         def reclaim(self, cleanup_fails: bool) -> None:
             dead = self.dead_in_model()
@@ -667,8 +667,8 @@ def test_pool_matches_a_plain_model_under_acquire_release_death_reclaim(
     run_state_machine_as_test(
         PoolMachine,
         settings=settings(
-            max_examples=40,
-            stateful_step_count=30,
+            max_examples=60,
+            stateful_step_count=40,
             deadline=None,
             suppress_health_check=[HealthCheck.too_slow],
         ),

@@ -47,7 +47,7 @@ from bottle.backends.base import (
 )
 from bottle.errors import BackendUnavailable, BottleStartError, BottleUsageError
 from bottle.listeners import ListenerHub
-from bottle.pool import Lease
+from bottle.pool import Lease, Owner
 from bottle.spec import BottleSpec, BundleService
 
 log = logging.getLogger(__name__)
@@ -188,8 +188,11 @@ class NetnsBackend:
         self.remove(bottle.bottle_id, bottle.handle)
 
     def remove(self, bottle_id: str, handle: Mapping[str, Any]) -> None:
-        for pid in handle.get("service_pids", []):
-            _terminate(int(pid))
+        for pid, started in handle.get("service_pids", []):
+            # A recorded pid may have been reused since; only the very process
+            # that was started (same start time) is stopped.
+            if Owner(int(pid), float(started)).is_alive():
+                _terminate(int(pid))
         run_host_command(
             ["nft", "delete", "table", "inet", table_name(bottle_id)], check=False
         )
@@ -398,7 +401,8 @@ table inet {table} {{
             else:
                 port = service.port or _free_port(bottle.alias)
                 process = _start_service(service, bottle.alias, port)
-                bottle.handle["service_pids"].append(process.pid)
+                owner = Owner.of_pid(process.pid)
+                bottle.handle["service_pids"].append([owner.pid, owner.started])
                 bottle.bundle_ports[service.name] = port
         bottle.handle["bundle_ports"] = dict(bottle.bundle_ports)
         bottle.handle["allowlist"] = list(bottle.spec.allowlist)

@@ -407,8 +407,7 @@ def _agent_source(spec: BottleSpec) -> tuple[str, str]:
         return "", spec.agent.image
     raise BottleUsageError(
         f"[agent] of bottle {spec.name!r}",
-        "the smolmachines backend needs `source` (a packed .smolmachine) or "
-        "`image`",
+        "the smolmachines backend needs `source` (a packed .smolmachine) or `image`",
     )
 
 
