@@ -134,8 +134,6 @@ class Owner:
     def is_alive(self) -> bool:
         try:
             process = psutil.Process(self.pid)
-            if process.status() == psutil.STATUS_ZOMBIE:
-                return False
             started = round(process.create_time(), _START_TIME_DECIMALS)
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             return False
@@ -275,7 +273,7 @@ class AliasPool:
                 holders = [lease.describe() for lease in _sorted(leases.values())]
             if time.monotonic() >= deadline:
                 raise PoolExhausted(str(self.range), holders)
-            raise PoolExhausted(str(self.range), holders)
+            time.sleep(0.05)
 
     def release(self, bottle_id: str) -> Lease | None:
         """Drop the lease of ``bottle_id``; returns it, or None if none."""

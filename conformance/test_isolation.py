@@ -14,7 +14,7 @@ import pytest
 from bottle.backends import Backend
 from bottle.matrix import Cell
 from conformance.conftest import BOTTLE_NAMES, ConformanceRun
-from pytest_bottle.plugin import record_cell
+from pytest_bottle.plugin import record_cell, record_facts
 
 RecordProperty = Callable[[str, object], None]
 PAIRS = [(a, b) for a in BOTTLE_NAMES for b in BOTTLE_NAMES if a != b]
@@ -30,8 +30,13 @@ def check(cell: Cell, record_property: RecordProperty) -> None:
 
 @pytest.mark.parametrize("source", BOTTLE_NAMES)
 def test_reaches_own_bundle(
-    source: str, conformance_run: ConformanceRun, record_property: RecordProperty
+    source: str,
+    conformance_run: ConformanceRun,
+    bottle_backend: Backend,
+    record_property: RecordProperty,
 ) -> None:
+    """The positive control: without it no blocked cell means anything."""
+    record_facts(record_property, conformance_run.bottles[source], bottle_backend)
     check(conformance_run.cell(source, f"bundle:{source}"), record_property)
 
 

@@ -40,6 +40,8 @@ log = logging.getLogger(__name__)
 #: A user property on each conformance test's report carrying its cell, so the
 #: controller can draw the matrix even when pytest-xdist workers ran the tests.
 CELL_PROPERTY = "bottle_cell"
+#: A user property carrying one bottle's backend facts (versions, workarounds).
+FACTS_PROPERTY = "bottle_facts"
 _STANDIN_ENV = "BOTTLE_EGRESS_STANDIN"
 _FIXTURES = {"bottle_backend", "bottle_factory", "bottle", "bottle_sentinel"}
 
@@ -417,12 +419,30 @@ def record_cell(record_property: Callable[[str, object], None], cell: Cell) -> N
     record_property(CELL_PROPERTY, json.dumps(cell.to_json()))
 
 
+def record_facts(
+    record_property: Callable[[str, object], None], bottle: Bottle, backend: Backend
+) -> None:
+    """Attach a bottle's backend facts to the current test's report."""
+    record = {
+        "bottle": bottle.name,
+        "backend": backend.name,
+        "backend_version": backend.version(),
+        "alias": bottle.alias,
+        "allowlist": bottle.allowlist,
+        "facts": bottle.facts,
+    }
+    record_property(FACTS_PROPERTY, json.dumps(record))
+
+
 class MatrixCollector:
     """Gathers every cell reported by the tests and draws the matrix."""
 
     def __init__(self, backend: str) -> None:
         self.backend = backend
         self.cells: list[Cell] = []
+        #: Per bottle name: the backend's version and facts such as whether a
+        #: workaround was applied.
+        self.facts: dict[str, dict[str, Any]] = {}
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         if report.when != "call":
@@ -430,6 +450,9 @@ class MatrixCollector:
         for name, value in report.user_properties:
             if name == CELL_PROPERTY:
                 self.cells.append(Cell.from_json(json.loads(str(value))))
+            elif name == FACTS_PROPERTY:
+                record = json.loads(str(value))
+                self.facts[record["bottle"]] = record
 
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
         if not self.cells:
@@ -470,4 +493,5 @@ __all__ = [
     "EgressTarget",
     "MatrixCollector",
     "record_cell",
+    "record_facts",
 ]
