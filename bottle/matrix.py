@@ -309,8 +309,6 @@ def _render_compact(
             else:
                 glyphs.append(cell.actual.value[0])
         lines.append(row.ljust(label_width) + " " + "".join(glyphs))
-    lines.append(
-        "+ connected as expected, . blocked as expected; a letter is a "
-        "mismatch's actual class (C D R U T E I)"
-    )
+    lines.append("+ connected, . blocked, as expected; a letter is a mismatch's")
+    lines.append("actual class: C D R U T E I = CONNECTED DENIED REFUSED ...")
     return lines

@@ -1,5 +1,8 @@
 """The isolation contract of a bottle, one test per cell of the matrix.
 
+``source`` and ``other`` are the suite's bottles (``--bottle-count``), filled in
+by ``conftest.pytest_generate_tests``.
+
 The agent reaches its own bundle, and nothing else: not another bottle's
 bundle, not a service on the host's loopback or on any host address, not the
 outside.  Every cell is recorded for the matrix in the terminal summary.
@@ -9,15 +12,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import pytest
-
 from bottle.backends import Backend
 from bottle.matrix import Cell
-from conformance.conftest import BOTTLE_NAMES, ConformanceRun
+from conformance.conftest import ConformanceRun
 from pytest_bottle.plugin import record_cell, record_facts
 
 RecordProperty = Callable[[str, object], None]
-PAIRS = [(a, b) for a in BOTTLE_NAMES for b in BOTTLE_NAMES if a != b]
 
 
 def check(cell: Cell, record_property: RecordProperty) -> None:
@@ -28,7 +28,6 @@ def check(cell: Cell, record_property: RecordProperty) -> None:
     )
 
 
-@pytest.mark.parametrize("source", BOTTLE_NAMES)
 def test_reaches_own_bundle(
     source: str,
     conformance_run: ConformanceRun,
@@ -40,7 +39,6 @@ def test_reaches_own_bundle(
     check(conformance_run.cell(source, f"bundle:{source}"), record_property)
 
 
-@pytest.mark.parametrize(("source", "other"), PAIRS)
 def test_cannot_reach_other_bundle(
     source: str,
     other: str,
@@ -50,21 +48,18 @@ def test_cannot_reach_other_bundle(
     check(conformance_run.cell(source, f"bundle:{other}"), record_property)
 
 
-@pytest.mark.parametrize("source", BOTTLE_NAMES)
 def test_cannot_reach_loopback_sentinel(
     source: str, conformance_run: ConformanceRun, record_property: RecordProperty
 ) -> None:
     check(conformance_run.cell(source, "sentinel:127.0.0.1"), record_property)
 
 
-@pytest.mark.parametrize("source", BOTTLE_NAMES)
 def test_cannot_reach_egress_target(
     source: str, conformance_run: ConformanceRun, record_property: RecordProperty
 ) -> None:
     check(conformance_run.cell(source, "egress"), record_property)
 
 
-@pytest.mark.parametrize("source", BOTTLE_NAMES)
 def test_cannot_reach_host_addresses(
     source: str, conformance_run: ConformanceRun, record_property: RecordProperty
 ) -> None:
@@ -80,7 +75,6 @@ def test_cannot_reach_host_addresses(
     )
 
 
-@pytest.mark.parametrize("source", BOTTLE_NAMES)
 def test_effective_allowlist_is_own_alias(
     source: str, conformance_run: ConformanceRun, bottle_backend: Backend
 ) -> None:

@@ -11,6 +11,8 @@ import dataclasses
 import json
 import logging
 import os
+import signal
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -98,6 +100,19 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         ini_type="bool",
     )
     add(
+        "--bottle-count",
+        "bottle_count",
+        "How many bottles the conformance suite runs at once (default: 2)",
+        metavar="N",
+    )
+    add(
+        "--bottle-pool-wait",
+        "bottle_pool_wait",
+        "Seconds to wait for a free alias when the pool is exhausted, "
+        "before failing with PoolExhausted (default: 0)",
+        metavar="SECONDS",
+    )
+    add(
         "--bottle-probe-timeout",
         "bottle_probe_timeout",
         f"Seconds a probe waits for an answer (default: "
@@ -117,6 +132,8 @@ class BottleOptions:
     backend_options: dict[str, str]
     egress_standin: bool
     probe_timeout: float
+    bottle_count: int
+    pool_wait: float
 
     @classmethod
     def from_config(cls, config: pytest.Config) -> BottleOptions:
@@ -152,15 +169,19 @@ class BottleOptions:
                     f"--bottle-backend-option={item}: use KEY=VALUE"
                 )
             backend_options[key.strip()] = value.strip()
-        timeout_text = get("bottle_probe_timeout") or DEFAULT_PROBE_TIMEOUT_SECONDS
-        try:
-            probe_timeout = float(timeout_text)
-            if probe_timeout <= 0:
-                raise ValueError(timeout_text)
-        except ValueError:
+        probe_timeout = _number(
+            "--bottle-probe-timeout",
+            get("bottle_probe_timeout") or DEFAULT_PROBE_TIMEOUT_SECONDS,
+            minimum=0.001,
+        )
+        pool_wait = _number("--bottle-pool-wait", get("bottle_pool_wait") or 0)
+        bottle_count = int(
+            _number("--bottle-count", get("bottle_count") or 2, minimum=1, whole=True)
+        )
+        if bottle_count > 26:
             raise pytest.UsageError(
-                f"--bottle-probe-timeout={timeout_text}: use a positive number"
-            ) from None
+                f"--bottle-count={bottle_count}: at most 26 bottles (a to z)"
+            )
         return cls(
             backend=backend,
             egress=egress,
@@ -169,22 +190,63 @@ class BottleOptions:
             backend_options=backend_options,
             egress_standin=bool(get("bottle_egress_standin")),
             probe_timeout=probe_timeout,
+            bottle_count=bottle_count,
+            pool_wait=pool_wait,
         )
 
 
-_OPTIONS_KEY = pytest.StashKey[BottleOptions]()
+def _number(
+    option: str, text: object, *, minimum: float = 0.0, whole: bool = False
+) -> float:
+    """A numeric option value, or one usage error naming the option."""
+    kind = "a whole number" if whole else "a number"
+    try:
+        value = float(str(text))
+        if value < minimum or (whole and not value.is_integer()):
+            raise ValueError(text)
+    except ValueError:
+        raise pytest.UsageError(
+            f"{option}={text}: use {kind} of at least {minimum:g}"
+        ) from None
+    return value
+
+
+OPTIONS_KEY = pytest.StashKey[BottleOptions]()
 _RUN_KEY = pytest.StashKey[str]()
 
 
 def pytest_configure(config: pytest.Config) -> None:
     options = BottleOptions.from_config(config)
-    config.stash[_OPTIONS_KEY] = options
+    config.stash[OPTIONS_KEY] = options
     config.stash[_RUN_KEY] = _run_label(config)
+    if getattr(config.option, "dist", None) == "load":
+        # The conformance cells share one set of bottles; grouped, they all go
+        # to one worker instead of every worker starting its own bottles.
+        config.option.dist = "loadgroup"
+    _stop_cleanly_on_sigterm()
     config.pluginmanager.register(MatrixCollector(options.backend), "bottle-matrix")
     config.addinivalue_line(
         "markers",
         "bottle_spec(**fields): fields of the spec the `bottle` fixture starts",
     )
+
+
+def _stop_cleanly_on_sigterm() -> None:
+    """Turn SIGTERM (a CI job cancelled) into KeyboardInterrupt.
+
+    pytest then tears fixtures down as on Ctrl-C, and bottles are stopped
+    instead of being left for the next run's reaper.  A handler someone else
+    installed is left alone.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return
+    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        return
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, interrupt)
 
 
 def _run_label(config: pytest.Config) -> str:
@@ -202,7 +264,7 @@ def pytest_configure_node(node: Any) -> None:
 
 
 def pytest_report_header(config: pytest.Config) -> str:
-    options = config.stash[_OPTIONS_KEY]
+    options = config.stash[OPTIONS_KEY]
     pool = options.pool or str(pool_from_environment(None))
     return (
         f"bot-bottle: backend {options.backend}, run {config.stash[_RUN_KEY]}, "
@@ -224,7 +286,7 @@ def pytest_collection_finish(session: pytest.Session) -> None:
 
 
 def _backend_for(config: pytest.Config) -> Backend:
-    options = config.stash[_OPTIONS_KEY]
+    options = config.stash[OPTIONS_KEY]
     pool = AliasPool(pool_from_environment(options.pool))
     return load_backend(
         options.backend, BackendConfig(pool.state_dir, options.backend_options)
@@ -266,7 +328,7 @@ class BottleFactory:
 @pytest.fixture(scope="session")
 def bottle_options(pytestconfig: pytest.Config) -> BottleOptions:
     """The plugin's options for this session (backend, pool, egress, ...)."""
-    return pytestconfig.stash[_OPTIONS_KEY]
+    return pytestconfig.stash[OPTIONS_KEY]
 
 
 @pytest.fixture(scope="session")
@@ -302,7 +364,12 @@ def bottle_factory(
             + ", ".join(reaped),
         )
     run = pytestconfig.stash[_RUN_KEY]
-    launcher = Launcher(bottle_backend, bottle_pool, run=run)
+    launcher = Launcher(
+        bottle_backend,
+        bottle_pool,
+        run=run,
+        pool_wait_seconds=bottle_options.pool_wait,
+    )
     factory = BottleFactory(launcher, bottle_options)
     try:
         yield factory
@@ -391,7 +458,7 @@ _CONTROLLER_STANDIN = pytest.StashKey[tuple[StandIn, ListenerHub]]()
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_setupnodes(config: pytest.Config, specs: list[Any]) -> None:
-    options = config.stash[_OPTIONS_KEY]
+    options = config.stash[OPTIONS_KEY]
     if not options.egress_standin or _STANDIN_ENV in os.environ:
         return
     hub = ListenerHub()

@@ -64,8 +64,14 @@ def test_unknown_backend_is_a_usage_error_listing_the_available(
         ("--bottle-pool=10.0.0.0/24", "*alias pool '10.0.0.0/24': leaves 127.0.0.0/8*"),
         ("--bottle-pool=127.0.0.0/30", "*contains 127.0.0.1*"),
         ("--bottle-allowlist=alias,nonsense", "*allowlist entry 'nonsense'*"),
-        ("--bottle-probe-timeout=-1", "*--bottle-probe-timeout=-1: use a positive*"),
+        (
+            "--bottle-probe-timeout=-1",
+            "*--bottle-probe-timeout=-1: use a number of at least*",
+        ),
         ("--bottle-backend-option=novalue", "*--bottle-backend-option=novalue*"),
+        ("--bottle-count=0", "*--bottle-count=0: use a whole number of at least 1*"),
+        ("--bottle-count=2.5", "*--bottle-count=2.5: use a whole number*"),
+        ("--bottle-pool-wait=soon", "*--bottle-pool-wait=soon: use a number*"),
     ],
 )
 def test_bad_option_values_are_one_line_usage_errors(
