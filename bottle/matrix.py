@@ -309,6 +309,9 @@ def _render_compact(
             else:
                 glyphs.append(cell.actual.value[0])
         lines.append(row.ljust(label_width) + " " + "".join(glyphs))
-    lines.append("+ connected, . blocked, as expected; a letter is a mismatch's")
-    lines.append("actual class: C D R U T E I = CONNECTED DENIED REFUSED ...")
+    lines.append("+ connected, . blocked, as expected; a letter: a mismatch's class")
+    lines.append(
+        "C=CONNECTED D=DENIED R=REFUSED U=UNREACHABLE T=TIMEOUT E=ERROR "
+        "I=INCONCLUSIVE"
+    )
     return lines
