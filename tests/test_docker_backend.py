@@ -1,0 +1,383 @@
+"""The docker backend against a real Docker engine.
+
+These tests skip, naming what is missing, only when no engine answers; the
+project's CI runs them under ``scripts/with-dockerd``.  Nothing here pulls an
+image or sends a packet off this machine: outside targets are stand-in test
+addresses that the bottle's rules reject before they leave the host.
+"""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import tarfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bottle import images
+from bottle.backends import BackendConfig, Bottle, load_backend
+from bottle.backends.docker import (
+    LABEL_BOTTLE,
+    LABEL_RUN,
+    DockerBackend,
+    agent_name,
+    bridge_name,
+    bundle_name,
+    engine_problem,
+    network_name,
+    table_name,
+)
+from bottle.errors import BackendUnavailable, BottleStartError, BottleUsageError
+from bottle.launcher import Launcher
+from bottle.listeners import ListenerHub
+from bottle.matrix import judge, plan_targets
+from bottle.pool import AliasPool
+from bottle.probe import Outcome, Target, TargetKind, run_probes
+from bottle.spec import AgentSpec, BottleSpec
+
+#: A TEST-NET-2 address standing in for the internet; rejected on the host.
+STANDIN_EGRESS = ("198.51.100.53", 53)
+
+
+def _engine_problem() -> str | None:
+    try:
+        import docker  # noqa: F401
+    except ImportError:
+        return "the docker SDK is not installed (pip install 'bot-bottle[docker]')"
+    problem = engine_problem()
+    return problem
+
+
+_PROBLEM = _engine_problem()
+needs_engine = pytest.mark.skipif(_PROBLEM is not None, reason=_PROBLEM or "")
+
+
+def _backend(state: Path, **options: str) -> DockerBackend:
+    backend = load_backend("docker", BackendConfig(state, dict(options)))
+    assert isinstance(backend, DockerBackend)
+    return backend
+
+
+@pytest.fixture
+def state(tmp_path: Path) -> Path:
+    return tmp_path / "state"
+
+
+@pytest.fixture
+def backend(state: Path) -> DockerBackend:
+    return _backend(state)
+
+
+@pytest.fixture
+def launcher(backend: DockerBackend, state: Path) -> Iterator[Launcher]:
+    launcher = Launcher(backend, AliasPool(state_dir=state))
+    yield launcher
+    launcher.stop_all()
+    ids = {launcher.bottle_id(name) for name in ("a", "b", "c", "plain", "slow")}
+    assert not ids & backend.leftovers()
+
+
+_clients: list[Any] = []
+
+
+def _client() -> Any:
+    import docker
+
+    if not _clients:
+        _clients.append(docker.from_env())
+    return _clients[0]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _close_client() -> Iterator[None]:
+    yield
+    while _clients:
+        _clients.pop().close()
+
+
+def _nft_tables() -> str:
+    return subprocess.run(
+        ["nft", "list", "tables"], capture_output=True, text=True, check=False
+    ).stdout
+
+
+# -- no engine needed ---------------------------------------------------------
+
+
+def test_unknown_option_lists_the_valid_ones(state: Path) -> None:
+    with pytest.raises(BottleUsageError, match="gateway_rule"):
+        _backend(state, gatway_rule="off")
+
+
+def test_gateway_rule_takes_on_or_off_only(state: Path) -> None:
+    with pytest.raises(BottleUsageError, match="valid values: on, off"):
+        _backend(state, gateway_rule="maybe")
+
+
+def test_no_engine_is_one_line_naming_the_address(
+    state: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    socket_path = tmp_path / "nothing.sock"
+    monkeypatch.setenv("DOCKER_HOST", f"unix://{socket_path}")
+    with pytest.raises(BackendUnavailable) as caught:
+        _backend(state).check()
+    message = str(caught.value)
+    assert "\n" not in message
+    assert f"no Docker engine answers at unix://{socket_path}" in message
+    assert "start dockerd" in message
+
+
+def test_names_derive_from_the_bottle_id_and_fit_the_kernel() -> None:
+    ids = ["a1b2c3-a", "a1b2c3-b", "ffffff-" + "x" * 20]
+    bridges = {bridge_name(i, kind) for i in ids for kind in ("int", "pub")}
+    assert len(bridges) == 2 * len(ids)
+    assert all(len(name) <= 15 for name in bridges)
+    assert network_name("r-a", "int") == "bb-r-a-int"
+    assert agent_name("r-a") == "bb-r-a-agent"
+    assert bundle_name("r-a", "echo") == "bb-r-a-bundle-echo"
+    # The netns backend reaps every `inet bottle_*` table: never name one so.
+    assert not table_name("r-a").startswith("bottle_")
+
+
+# -- a real engine --------------------------------------------------------------
+
+
+@needs_engine
+def test_check_and_version(backend: DockerBackend) -> None:
+    backend.check()
+    assert backend.version().startswith("Docker Engine ")
+    assert all(req.present for req in backend.requirements())
+
+
+@needs_engine
+def test_probe_image_is_built_once_and_reused(backend: DockerBackend) -> None:
+    client = _client()
+    tag = images.ensure_image(client, backend.cache_dir)
+    started = time.monotonic()
+    assert images.ensure_image(client, backend.cache_dir) == tag
+    assert time.monotonic() - started < 1
+    assert tag == images.image_tag()
+
+
+@needs_engine
+def test_a_bottle_is_two_labelled_networks_and_hardened_containers(
+    launcher: Launcher, backend: DockerBackend
+) -> None:
+    bottle = launcher.start(BottleSpec("a"))
+    client = _client()
+
+    internal = client.networks.get(network_name(bottle.bottle_id, "int"))
+    public = client.networks.get(network_name(bottle.bottle_id, "pub"))
+    assert internal.attrs["Internal"] is True
+    assert public.attrs["Internal"] is False
+    for network in (internal, public):
+        assert network.attrs["Labels"][LABEL_BOTTLE] == bottle.bottle_id
+        assert network.attrs["Labels"][LABEL_RUN] == launcher.run
+
+    agent = client.containers.get(agent_name(bottle.bottle_id))
+    host_config = agent.attrs["HostConfig"]
+    assert host_config["CapDrop"] == ["ALL"]
+    assert "no-new-privileges" in host_config["SecurityOpt"]
+    assert not host_config.get("PortBindings")
+    assert list(agent.attrs["NetworkSettings"]["Networks"]) == [internal.name]
+    assert agent.labels[LABEL_BOTTLE] == bottle.bottle_id
+
+    bundle = client.containers.get(bundle_name(bottle.bottle_id, "echo"))
+    assert set(bundle.attrs["NetworkSettings"]["Networks"]) == {
+        internal.name,
+        public.name,
+    }
+    bindings = [
+        binding
+        for port_bindings in bundle.attrs["HostConfig"]["PortBindings"].values()
+        for binding in port_bindings
+    ]
+    assert bindings
+    assert {binding["HostIp"] for binding in bindings} == {bottle.alias}
+
+    assert bottle.bundle_host != bottle.alias
+    assert backend.effective_allowlist(bottle) == bottle.allowlist
+    assert table_name(bottle.bottle_id) in _nft_tables()
+    assert backend.leftovers() >= {bottle.bottle_id}
+
+
+@needs_engine
+def test_the_agent_cannot_change_its_network(
+    launcher: Launcher, backend: DockerBackend
+) -> None:
+    bottle = launcher.start(BottleSpec("a"))
+    result = backend.exec(bottle, ["ip", "route", "add", "192.0.2.99", "dev", "eth0"])
+    assert result.returncode != 0
+    assert "not permitted" in result.stderr
+    assert backend.exec(bottle, ["id", "-u"]).stdout.strip() == "65534"
+
+
+@needs_engine
+def test_two_bottles_reach_their_own_bundle_only(
+    launcher: Launcher, backend: DockerBackend
+) -> None:
+    a, b = launcher.start_many([BottleSpec("a"), BottleSpec("b")])
+    sentinel = launcher.hub.listen("127.0.0.1", 0, label="sentinel")
+    for source in (a, b):
+        targets = plan_targets(
+            source, [a, b], {"sentinel:127.0.0.1": sentinel}, STANDIN_EGRESS
+        )
+        results = run_probes(backend, source, targets)
+        witnesses = {
+            "bundle:a": a.bundle_witnesses["echo"],
+            "bundle:b": b.bundle_witnesses["echo"],
+            "sentinel:127.0.0.1": sentinel,
+        }
+        cells = judge(source.name, results, witnesses)
+        failed = [f"{c.column}: {c.reason}" for c in cells if not c.passed]
+        assert not failed
+        own = next(c for c in cells if c.column == f"bundle:{source.name}")
+        assert own.actual is Outcome.CONNECTED
+        assert own.listener_saw_nonce is True
+        # Blocked probes fail at once: the host rejects instead of dropping.
+        assert all(c.latency_ms < 1000 for c in cells)
+    assert sentinel.touches == []
+
+
+def _gateway_probe(backend: DockerBackend, bottle: Bottle, hub: ListenerHub) -> Any:
+    everywhere = hub.listen("0.0.0.0", 0, label="sentinel on every address")
+    targets = [
+        Target(f"gateway:{label}", TargetKind.SENTINEL, address, everywhere.port)
+        for label, address in backend.host_side_addresses(bottle).items()
+    ]
+    assert targets, "the backend named no host-side address"
+    results = run_probes(backend, bottle, targets, timeout=1.0)
+    return results, everywhere
+
+
+@needs_engine
+def test_gateway_rule_off_shows_the_leak(state: Path) -> None:
+    backend = _backend(state, gateway_rule="off")
+    launcher = Launcher(backend, AliasPool(state_dir=state))
+    try:
+        bottle = launcher.start(BottleSpec("a"))
+        assert bottle.handle["table"] == ""
+        results, everywhere = _gateway_probe(backend, bottle, launcher.hub)
+        gateway = next(r for r in results if r.target.key == "gateway:gateway")
+        assert gateway.outcome is Outcome.CONNECTED
+        assert everywhere.saw_nonce(gateway.nonce)
+    finally:
+        launcher.stop_all()
+    assert table_name(bottle.bottle_id) not in _nft_tables()
+
+
+@needs_engine
+def test_gateway_rule_on_closes_the_leak(
+    launcher: Launcher, backend: DockerBackend
+) -> None:
+    bottle = launcher.start(BottleSpec("a"))
+    results, everywhere = _gateway_probe(backend, bottle, launcher.hub)
+    for result in results:
+        assert result.outcome is Outcome.UNREACHABLE, result
+    assert everywhere.touches == []
+
+
+@needs_engine
+def test_a_published_port_answers_on_the_alias_only(launcher: Launcher) -> None:
+    import socket
+
+    bottle = launcher.start(BottleSpec("a"))
+    alias, port_text = bottle.facts["published"]["echo"].split(":")
+    with socket.create_connection((alias, int(port_text)), timeout=5) as stream:
+        stream.sendall(b"hostside\n")
+        assert stream.makefile().readline() == "hostside\n"
+    assert bottle.bundle_witnesses["echo"].saw_nonce("hostside")
+    assert not bottle.bundle_witnesses["echo"].saw_nonce("never-sent")
+    with socket.socket() as other:
+        assert other.connect_ex(("127.0.0.1", int(port_text))) != 0
+
+
+@needs_engine
+def test_a_failed_start_leaves_nothing_and_never_pulls(
+    launcher: Launcher, backend: DockerBackend
+) -> None:
+    spec = BottleSpec("a", agent=AgentSpec(image="bottle-no-such-image:never"))
+    started = time.monotonic()
+    with pytest.raises(BottleStartError, match="bottle-no-such-image"):
+        launcher.start(spec)
+    assert time.monotonic() - started < 20
+    bottle_id = launcher.bottle_id("a")
+    assert bottle_id not in backend.leftovers()
+    assert table_name(bottle_id) not in _nft_tables()
+    assert launcher.pool.leases() == []
+
+
+@needs_engine
+def test_remove_from_the_id_alone_cleans_a_crashed_bottle(
+    launcher: Launcher, backend: DockerBackend
+) -> None:
+    bottle = launcher.start(BottleSpec("a"))
+    assert bottle.bottle_id in backend.leftovers()
+    backend.remove(bottle.bottle_id, {})
+    assert bottle.bottle_id not in backend.leftovers()
+    assert table_name(bottle.bottle_id) not in _nft_tables()
+    backend.remove(bottle.bottle_id, {})  # again: nothing left, no error
+
+
+@needs_engine
+def test_attach_rebuilds_a_working_bottle(
+    launcher: Launcher, backend: DockerBackend
+) -> None:
+    bottle = launcher.start(BottleSpec("a"))
+    lease = next(lease for lease in launcher.pool.leases())
+    again = backend.attach(lease)
+    assert again.bundle_host == bottle.bundle_host
+    assert again.bundle_ports == bottle.bundle_ports
+    target = Target("bundle:a", TargetKind.OWN_BUNDLE, again.bundle_host, 7070)
+    [result] = run_probes(backend, again, [target])
+    assert result.outcome is Outcome.CONNECTED
+    assert again.bundle_witnesses["echo"].saw_nonce(result.nonce)
+    assert backend.host_side_addresses(again) == backend.host_side_addresses(bottle)
+
+
+@needs_engine
+def test_exec_times_out(launcher: Launcher, backend: DockerBackend) -> None:
+    bottle = launcher.start(BottleSpec("slow"))
+    started = time.monotonic()
+    result = backend.exec(bottle, ["sleep", "5"], timeout=0.5)
+    assert result.returncode == 124
+    assert time.monotonic() - started < 3
+
+
+@needs_engine
+def test_another_agent_image_gets_the_prober(
+    launcher: Launcher, backend: DockerBackend
+) -> None:
+    # An image without the prober, as a user's agent image would be.
+    busybox = images.find_busybox()
+    assert busybox is not None
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        data = busybox.read_bytes()
+        info = tarfile.TarInfo("bin/busybox")
+        info.size, info.mode = len(data), 0o755
+        tar.addfile(info, io.BytesIO(data))
+        for applet in ("sh", "sleep", "id"):
+            link = tarfile.TarInfo(f"bin/{applet}")
+            link.type, link.linkname = tarfile.SYMTYPE, "busybox"
+            tar.addfile(link)
+    _client().api.import_image_from_data(
+        buffer.getvalue(), repository="bottle-test-plain", tag="1"
+    )
+
+    try:
+        bottle = launcher.start(
+            BottleSpec("plain", agent=AgentSpec(image="bottle-test-plain:1"))
+        )
+        assert bottle.facts["image"] == "bottle-test-plain:1"
+        target = Target("own", TargetKind.OWN_BUNDLE, bottle.bundle_host, 7070)
+        [result] = run_probes(backend, bottle, [target])
+        assert result.outcome is Outcome.CONNECTED
+        assert result.echoed
+        launcher.stop(bottle)
+    finally:
+        _client().images.remove("bottle-test-plain:1", force=True)
