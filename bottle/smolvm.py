@@ -179,7 +179,9 @@ class Smolvm:
         timeout: float = 120.0,
     ) -> None:
         self.path = Path(path)
-        self.env = dict(os.environ if env is None else env)
+        #: The environment of smolvm commands; None: this process's, as it is
+        #: at each call.
+        self.env = None if env is None else dict(env)
         self.timeout = timeout
         self._version: SmolvmVersion | None = None
 
@@ -342,7 +344,7 @@ class Smolvm:
     ) -> str:
         command = [str(self.path), *argv]
         log.debug("running %s", " ".join(command))
-        env = {**self.env, **(extra_env or {})}
+        env = {**(os.environ if self.env is None else self.env), **(extra_env or {})}
         try:
             completed = subprocess.run(
                 command,

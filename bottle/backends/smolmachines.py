@@ -357,25 +357,29 @@ class SmolmachinesBackend:
             return None
 
 
-def hypervisor_requirement(version: SmolvmVersion) -> Requirement:
+def hypervisor_requirement(
+    version: SmolvmVersion,
+    *,
+    system: str | None = None,
+    kvm: Path = Path("/dev/kvm"),
+) -> Requirement:
     """Whether this host can run smolvm's microVMs (the stand-in needs none)."""
     if version.fake:
         return Requirement("hypervisor", True, "not needed: bot-bottle's stand-in")
-    system = platform.system()
+    system = system or platform.system()
     if system == "Linux":
-        kvm = Path("/dev/kvm")
         if not kvm.exists():
             return Requirement(
-                "hypervisor", False, "hypervisor: /dev/kvm is missing (enable KVM)"
+                "hypervisor", False, f"hypervisor: {kvm} is missing (enable KVM)"
             )
         if not os.access(kvm, os.R_OK | os.W_OK):
             return Requirement(
                 "hypervisor",
                 False,
-                "hypervisor: /dev/kvm is not readable and writable by this user "
+                f"hypervisor: {kvm} is not readable and writable by this user "
                 "(add it to the kvm group)",
             )
-        return Requirement("hypervisor", True, "/dev/kvm")
+        return Requirement("hypervisor", True, str(kvm))
     if system == "Darwin":
         support = subprocess.run(
             ["sysctl", "-n", "kern.hv_support"],
