@@ -134,6 +134,8 @@ class Owner:
     def is_alive(self) -> bool:
         try:
             process = psutil.Process(self.pid)
+            if process.status() == psutil.STATUS_ZOMBIE:
+                return False
             started = round(process.create_time(), _START_TIME_DECIMALS)
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             return False
