@@ -1,17 +1,31 @@
-"""One conformance run per session: two bottles probing everything at once."""
+"""One conformance run per test run: every bottle probing everything at once.
+
+The bottles start together, probe every target, have their effective
+allowlists read back, and stop; the tests then judge the recorded result.
+Under pytest-xdist the first worker that needs the result computes it and the
+others read it from a file, so one run starts one set of bottles however
+its tests are distributed.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
+import json
 from pathlib import Path
+from typing import Any
 
+import filelock
 import pytest
 
-from bottle.backends import Bottle
 from bottle.matrix import Cell, Matrix
 from bottle.suite import Sentinels, probe_all
-from pytest_bottle.plugin import OPTIONS_KEY, BottleFactory, BottleOptions, EgressTarget
+from pytest_bottle.plugin import (
+    OPTIONS_KEY,
+    BottleFactory,
+    BottleOptions,
+    EgressTarget,
+    shared_run_label,
+)
 
 
 def bottle_names(config: pytest.Config) -> list[str]:
@@ -29,20 +43,16 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         metafunc.parametrize("source", names)
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    # One matrix per run: under pytest-xdist every cell goes to the worker
-    # that holds the bottles (the plugin turns on --dist loadgroup).
-    for item in items:
-        if item.path.parent == Path(__file__).parent:
-            item.add_marker(pytest.mark.xdist_group("bottle-matrix"))
-
-
 @dataclasses.dataclass
 class ConformanceRun:
-    """The bottles of one run and the matrix their probes produced."""
+    """The matrix of one run, and what each bottle's backend reported.
 
-    bottles: dict[str, Bottle]
+    ``bottles`` maps each bottle name to its record: alias, allowlist as
+    asked, allowlist as read back from the enforcing layer, backend facts.
+    """
+
     matrix: Matrix
+    bottles: dict[str, dict[str, Any]]
 
     def cell(self, source: str, column: str) -> Cell:
         found = self.matrix.cell(source, column)
@@ -58,6 +68,56 @@ class ConformanceRun:
             if cell.source == source and cell.column.startswith(prefixes)
         ]
 
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "backend": self.matrix.backend,
+            "cells": [cell.to_json() for cell in self.matrix.cells],
+            "bottles": self.bottles,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ConformanceRun:
+        cells = [Cell.from_json(record) for record in data["cells"]]
+        return cls(Matrix(str(data["backend"]), cells), dict(data["bottles"]))
+
+
+def run_the_matrix(
+    factory: BottleFactory,
+    sentinels: Sentinels,
+    egress: EgressTarget,
+    options: BottleOptions,
+    names: list[str],
+) -> ConformanceRun:
+    """Start the bottles together, probe everything, read back, stop them."""
+    backend = factory.backend
+    bottles = factory.start_many([factory.spec(name) for name in names])
+    try:
+        matrix = probe_all(
+            backend,
+            bottles,
+            sentinels,
+            (egress.host, egress.port),
+            egress.witness,
+            timeout=options.probe_timeout,
+        )
+        version = backend.version()
+        records = {
+            bottle.name: {
+                "bottle": bottle.name,
+                "backend": backend.name,
+                "backend_version": version,
+                "alias": bottle.alias,
+                "allowlist": bottle.allowlist,
+                "effective_allowlist": backend.effective_allowlist(bottle),
+                "facts": bottle.facts,
+            }
+            for bottle in bottles
+        }
+    finally:
+        for bottle in bottles:
+            factory.stop(bottle)
+    return ConformanceRun(matrix, records)
+
 
 @pytest.fixture(scope="session")
 def conformance_run(
@@ -66,21 +126,22 @@ def conformance_run(
     bottle_egress: EgressTarget,
     bottle_options: BottleOptions,
     request: pytest.FixtureRequest,
-) -> Iterator[ConformanceRun]:
-    """Starts bottles a and b together, probes every target, keeps the matrix."""
+) -> ConformanceRun:
+    """The matrix of this run: every bottle against every target, computed once."""
     names = bottle_names(request.config)
-    specs = [bottle_factory.spec(name) for name in names]
-    bottles = bottle_factory.start_many(specs)
-    try:
-        matrix = probe_all(
-            bottle_factory.backend,
-            bottles,
-            bottle_sentinels,
-            (bottle_egress.host, bottle_egress.port),
-            bottle_egress.witness,
-            timeout=bottle_options.probe_timeout,
+    if not hasattr(request.config, "workerinput"):
+        return run_the_matrix(
+            bottle_factory, bottle_sentinels, bottle_egress, bottle_options, names
         )
-        yield ConformanceRun({bottle.name: bottle for bottle in bottles}, matrix)
-    finally:
-        for bottle in bottles:
-            bottle_factory.stop(bottle)
+
+    runs = Path(bottle_factory.launcher.pool.state_dir) / "runs"
+    runs.mkdir(parents=True, exist_ok=True)
+    shared = runs / f"{shared_run_label(request.config)}.conformance.json"
+    with filelock.FileLock(str(shared) + ".lock"):
+        if shared.exists():
+            return ConformanceRun.from_json(json.loads(shared.read_text("utf-8")))
+        result = run_the_matrix(
+            bottle_factory, bottle_sentinels, bottle_egress, bottle_options, names
+        )
+        shared.write_text(json.dumps(result.to_json()), encoding="utf-8")
+        return result

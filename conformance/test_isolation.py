@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from bottle.backends import Backend
 from bottle.matrix import Cell
 from conformance.conftest import ConformanceRun
 from pytest_bottle.plugin import record_cell, record_facts
@@ -29,13 +28,10 @@ def check(cell: Cell, record_property: RecordProperty) -> None:
 
 
 def test_reaches_own_bundle(
-    source: str,
-    conformance_run: ConformanceRun,
-    bottle_backend: Backend,
-    record_property: RecordProperty,
+    source: str, conformance_run: ConformanceRun, record_property: RecordProperty
 ) -> None:
     """The positive control: without it no blocked cell means anything."""
-    record_facts(record_property, conformance_run.bottles[source], bottle_backend)
+    record_facts(record_property, conformance_run.bottles[source])
     check(conformance_run.cell(source, f"bundle:{source}"), record_property)
 
 
@@ -76,8 +72,8 @@ def test_cannot_reach_host_addresses(
 
 
 def test_effective_allowlist_is_own_alias(
-    source: str, conformance_run: ConformanceRun, bottle_backend: Backend
+    source: str, conformance_run: ConformanceRun
 ) -> None:
     """Read back from the enforcing layer, not from what was asked for."""
     bottle = conformance_run.bottles[source]
-    assert bottle_backend.effective_allowlist(bottle) == [f"{bottle.alias}/32"]
+    assert bottle["effective_allowlist"] == [f"{bottle['alias']}/32"]

@@ -219,10 +219,6 @@ def pytest_configure(config: pytest.Config) -> None:
     options = BottleOptions.from_config(config)
     config.stash[OPTIONS_KEY] = options
     config.stash[_RUN_KEY] = _run_label(config)
-    if getattr(config.option, "dist", None) == "load":
-        # The conformance cells share one set of bottles; grouped, they all go
-        # to one worker instead of every worker starting its own bottles.
-        config.option.dist = "loadgroup"
     _stop_cleanly_on_sigterm()
     config.pluginmanager.register(MatrixCollector(options.backend), "bottle-matrix")
     config.addinivalue_line(
@@ -256,6 +252,14 @@ def _run_label(config: pytest.Config) -> str:
         return new_run_label()
     worker = str(worker_input["workerid"]).removeprefix("gw")
     return f"{worker_input['bottle_run']}w{worker}"
+
+
+def shared_run_label(config: pytest.Config) -> str:
+    """The label of the whole run: the controller's under pytest-xdist."""
+    worker_input = getattr(config, "workerinput", None)
+    if worker_input is not None:
+        return str(worker_input["bottle_run"])
+    return config.stash[_RUN_KEY]
 
 
 @pytest.hookimpl(optionalhook=True)
@@ -487,17 +491,9 @@ def record_cell(record_property: Callable[[str, object], None], cell: Cell) -> N
 
 
 def record_facts(
-    record_property: Callable[[str, object], None], bottle: Bottle, backend: Backend
+    record_property: Callable[[str, object], None], record: dict[str, Any]
 ) -> None:
-    """Attach a bottle's backend facts to the current test's report."""
-    record = {
-        "bottle": bottle.name,
-        "backend": backend.name,
-        "backend_version": backend.version(),
-        "alias": bottle.alias,
-        "allowlist": bottle.allowlist,
-        "facts": bottle.facts,
-    }
+    """Attach a bottle's record (alias, allowlists, backend version and facts)."""
     record_property(FACTS_PROPERTY, json.dumps(record))
 
 
@@ -561,4 +557,5 @@ __all__ = [
     "MatrixCollector",
     "record_cell",
     "record_facts",
+    "shared_run_label",
 ]
