@@ -12,12 +12,13 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import secrets
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 from bottle.backends import Backend, Bottle
-from bottle.errors import BottleError, BottleStartError
+from bottle.errors import BottleError
 from bottle.listeners import ListenerHub
 from bottle.pool import AliasPool, Lease, Owner
+from bottle.runs import RunRegistry, run_of
 from bottle.spec import BottleSpec
 
 log = logging.getLogger(__name__)
@@ -40,15 +41,20 @@ class Launcher:
         hub: ListenerHub | None = None,
         owner: Owner | None = None,
         pool_wait_seconds: float = 0.0,
+        registry: RunRegistry | None = None,
     ) -> None:
         self.backend = backend
         self.pool = pool
         self.run = run or new_run_label()
+        self.registry = registry or RunRegistry()
         self.hub = hub or ListenerHub()
         self._owns_hub = hub is None
         self.owner = owner or Owner.current()
         self.pool_wait_seconds = pool_wait_seconds
         self.bottles: dict[str, Bottle] = {}
+        # Registered before anything is created, so that whatever this run
+        # leaves if it is killed can be traced to a dead owner.
+        self.registry.register(self.run, self.owner)
 
     def bottle_id(self, name: str) -> str:
         return f"{self.run}-{name}"
@@ -113,6 +119,8 @@ class Launcher:
                     errors.append(future.exception())  # type: ignore[arg-type]
         if self._owns_hub:
             self.hub.shutdown()
+        if not errors:
+            self.registry.unregister(self.run)
         if errors:
             raise errors[0]
 
@@ -121,43 +129,36 @@ class Launcher:
             self.backend.remove(lease.bottle_id, lease.handle)
 
 
-def reap(backend: Backend, pool: AliasPool) -> list[str]:
+def reap(
+    backend: Backend, pool: AliasPool, registry: RunRegistry | None = None
+) -> list[str]:
     """Remove what dead runs left on ``backend``; returns the bottle ids.
 
-    A lease whose owner is dead has its resources removed, then is dropped.
-    Resources with no lease at all (a run killed before it recorded one) are
-    removed too.  Both happen under the pool's lock, so a bottle that another
-    process is starting right now, whose lease is always taken first, is
-    never touched.
+    A lease in ``pool`` whose owner is dead has its resources removed, then
+    is dropped.  Resources with no lease in ``pool`` are removed only when the
+    host-wide run registry says their run's owner is dead: their lease may
+    live in another state directory, held by a live process.  Both happen
+    under the pool's lock, so a bottle that another process is starting right
+    now, whose lease is always taken first, is never touched.
     """
+    registry = registry or RunRegistry()
     removed: list[str] = []
-
-    def remove_dead(lease: Lease) -> None:
-        if lease.backend != backend.name:
-            raise BottleError(f"lease of {lease.bottle_id} is not {backend.name}'s")
-        backend.remove(lease.bottle_id, lease.handle)
-        removed.append(lease.bottle_id)
-
     with pool.locked() as leases:
         for alias, lease in list(leases.items()):
-            if lease.backend == backend.name and not lease.owner.is_alive():
-                try:
-                    remove_dead(lease)
-                except BottleError:
-                    log.exception("could not remove %s", lease.bottle_id)
-                    continue
-                del leases[alias]
+            if lease.backend != backend.name or lease.owner.is_alive():
+                continue
+            try:
+                backend.remove(lease.bottle_id, lease.handle)
+            except BottleError:
+                log.exception("could not remove %s", lease.bottle_id)
+                continue
+            del leases[alias]
+            removed.append(lease.bottle_id)
         leased = {lease.bottle_id for lease in leases.values()}
         for bottle_id in sorted(backend.leftovers() - leased):
-            backend.remove(bottle_id, {})
-            removed.append(bottle_id)
+            if registry.owner_is_dead(run_of(bottle_id)):
+                backend.remove(bottle_id, {})
+                removed.append(bottle_id)
     if removed:
         log.info("reaped %d leftover bottle(s): %s", len(removed), ", ".join(removed))
     return removed
-
-
-def describe_failure(exc: BaseException, specs: Iterable[BottleSpec]) -> str:
-    names = ", ".join(spec.name for spec in specs)
-    if isinstance(exc, BottleStartError):
-        return str(exc)
-    return f"bottles {names} did not start: {exc}"

@@ -26,7 +26,8 @@ from pathlib import Path
 
 from bottle.errors import BottleUsageError, CommandFailed
 from bottle.listeners import Listener, ListenerHub
-from bottle.pool import AliasPool, Owner
+from bottle.pool import AliasPool
+from bottle.runs import RunRegistry
 
 log = logging.getLogger(__name__)
 
@@ -101,14 +102,9 @@ def start_standin(
     namespace = standin_netns(run)
     veth = _standin_veth(run)
     host_side = _host_side_address(target)
-    record_dir = pool.state_dir / "standins"
-    record_dir.mkdir(parents=True, exist_ok=True)
-    record = record_dir / f"{run}.json"
-    log_path = record_dir / f"{run}.nonces"
-    owner = Owner.current()
-    record.write_text(
-        json.dumps({"pid": owner.pid, "started": owner.started, "address": address})
-    )
+    log_dir = pool.state_dir / "standins"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log_path = log_dir / f"{run}.nonces"
     standin = StandIn(run, address, port, log_path)
     try:
         _run(
@@ -155,35 +151,27 @@ def stop_standin(standin: StandIn, hub: ListenerHub | None) -> None:
         standin.log_path.unlink()
 
 
-def reap_standins(pool: AliasPool) -> list[str]:
-    """Remove stand-ins whose owner is dead (or unknown); returns their runs."""
+def reap_standins(pool: AliasPool, registry: RunRegistry | None = None) -> list[str]:
+    """Remove stand-ins whose run's owner is dead; returns their runs.
+
+    ``run`` must be registered in the run registry by whoever starts the
+    stand-in (the launcher of the same run does it).
+    """
+    registry = registry or RunRegistry()
     listing = subprocess.run(
         ["ip", "netns", "list"], capture_output=True, text=True, check=False
     ).stdout
     removed = []
-    record_dir = pool.state_dir / "standins"
     with pool.locked():
         for line in listing.splitlines():
             name = line.split(" ", 1)[0]
             if not name.startswith(STANDIN_PREFIX):
                 continue
             run = name.removeprefix(STANDIN_PREFIX)
-            if _owner_alive(record_dir / f"{run}.json"):
-                continue
-            _remove(run)
-            for suffix in (".json", ".nonces"):
-                with contextlib.suppress(FileNotFoundError):
-                    (record_dir / f"{run}{suffix}").unlink()
-            removed.append(run)
+            if registry.owner_is_dead(run):
+                _remove(run)
+                removed.append(f"stand-in {run}")
     return removed
-
-
-def _owner_alive(record: Path) -> bool:
-    try:
-        data = json.loads(record.read_text(encoding="utf-8"))
-        return Owner(int(data["pid"]), float(data["started"])).is_alive()
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
 
 
 def _remove(run: str) -> None:

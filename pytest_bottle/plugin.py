@@ -25,8 +25,9 @@ from bottle.errors import BackendUnavailable, BottleUsageError
 from bottle.launcher import Launcher, new_run_label, reap
 from bottle.listeners import Listener, ListenerHub
 from bottle.matrix import Cell, Matrix, render_text
-from bottle.pool import AliasPool, pool_from_environment
+from bottle.pool import AliasPool, Owner, pool_from_environment
 from bottle.probe import DEFAULT_PROBE_TIMEOUT_SECONDS
+from bottle.runs import RunRegistry
 from bottle.spec import ALIAS_ENTRY, BottleSpec
 from bottle.standin import (
     FileWitness,
@@ -360,7 +361,11 @@ def bottle_factory(
 
     Leftovers of dead runs are reaped first, and the terminal says so.
     """
-    reaped = reap(bottle_backend, bottle_pool) + reap_standins(bottle_pool)
+    registry = RunRegistry()
+    reaped = reap(bottle_backend, bottle_pool, registry) + reap_standins(
+        bottle_pool, registry
+    )
+    registry.forget_dead()
     if reaped:
         _write_line(
             pytestconfig,
@@ -467,8 +472,11 @@ def pytest_xdist_setupnodes(config: pytest.Config, specs: list[Any]) -> None:
         return
     hub = ListenerHub()
     pool = AliasPool(pool_from_environment(options.pool))
-    reap_standins(pool)
-    standin = start_standin(*options.egress, hub, pool, config.stash[_RUN_KEY])
+    registry = RunRegistry()
+    reap_standins(pool, registry)
+    run = config.stash[_RUN_KEY]
+    registry.register(run, Owner.current())
+    standin = start_standin(*options.egress, hub, pool, run)
     config.stash[_CONTROLLER_STANDIN] = (standin, hub)
     os.environ[_STANDIN_ENV] = str(standin.log_path)
 
@@ -479,6 +487,7 @@ def pytest_unconfigure(config: pytest.Config) -> None:
         standin, hub = held
         stop_standin(standin, hub)
         hub.shutdown()
+        RunRegistry().unregister(standin.run)
         os.environ.pop(_STANDIN_ENV, None)
 
 

@@ -161,7 +161,6 @@ def test_rules_are_on_the_host_side_even_if_the_namespace_routes_everything(
 
 
 def test_failed_start_leaves_nothing(launcher: Launcher) -> None:
-    before = names_on_host()
     bad_user = BottleSpec("baduser", agent=AgentSpec(user="no-such-user"))
     with pytest.raises(BottleUsageError, match="no-such-user"):
         launcher.start(bad_user)
@@ -170,7 +169,8 @@ def test_failed_start_leaves_nothing(launcher: Launcher) -> None:
     with pytest.raises(BottleStartError, match="bundle command exited"):
         launcher.start(crashing)
 
-    assert names_on_host() == before
+    assert f"bb-{launcher.run}-" not in names_on_host()
+    assert f"bottle_{launcher.run}_" not in names_on_host()
     assert launcher.pool.leases() == []
 
 
