@@ -32,7 +32,6 @@ from bottle.backends import (
     load_backend,
 )
 from bottle.errors import BottleError, BottleNotFound, BottleUsageError
-from bottle.launcher import reap
 from bottle.pool import AliasPool, Lease, pool_from_environment
 from bottle.spec import read_spec_file, spec_from_mapping
 
@@ -47,7 +46,7 @@ _KEEPER_STOP_SECONDS = 30
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> Any:
         self.print_usage(sys.stderr)
-        raise BottleUsageError("bottle", message)
+        raise BottleUsageError(self.prog, message)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -243,7 +242,10 @@ def _stop_lease(pool: AliasPool, lease: Lease) -> None:
             f"bottle {lease.bottle_id}: its owner (pid {lease.owner.pid}) did not "
             f"stop it within {_KEEPER_STOP_SECONDS} s"
         )
-    reap(_backend(lease.backend, pool), pool)
+    # Only this bottle: a host-wide reap would also take bottles recorded in
+    # other lease stores (another BOTTLE_STATE_DIR) for leftovers.
+    _backend(lease.backend, pool).remove(lease.bottle_id, lease.handle)
+    pool.release(lease.bottle_id)
 
 
 def _cmd_ls(args: argparse.Namespace, pool: AliasPool) -> int:

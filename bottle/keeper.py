@@ -22,7 +22,7 @@ from typing import Any
 
 from bottle.backends import BackendConfig, load_backend
 from bottle.errors import BottleError, BottleUsageError
-from bottle.launcher import Launcher, new_run_label, reap
+from bottle.launcher import Launcher, new_run_label
 from bottle.pool import AliasPool, AliasRange
 from bottle.spec import spec_from_mapping
 
@@ -42,7 +42,9 @@ def keep(request: dict[str, Any], status_fd: int) -> int:
     spec = spec_from_mapping(request["spec"])
     try:
         backend.check()
-        reap(backend, pool)
+        # No host-wide reap here: it would take bottles of other lease stores
+        # (another BOTTLE_STATE_DIR) for leftovers.  Dead owners' bottles of
+        # this store are removed when the launcher acquires its lease.
         launcher = Launcher(backend, pool, run=new_run_label())
         bottle = launcher.start(spec)
     except BottleError as exc:
