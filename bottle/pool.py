@@ -396,8 +396,9 @@ class AliasPool:
         try:
             with os.fdopen(descriptor, "w", encoding="utf-8") as stream:
                 json.dump(records, stream, indent=1)
-                stream.flush()
-                os.fsync(stream.fileno())
+            # Atomic replacement is what readers rely on.  No fsync: a lease
+            # names a live process, and none survives the power loss that
+            # fsync would guard against.
             os.replace(temporary, self.path)
         except BaseException:
             with contextlib.suppress(FileNotFoundError):

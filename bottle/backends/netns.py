@@ -196,10 +196,15 @@ class NetnsBackend:
         run_host_command(
             ["nft", "delete", "table", "inet", table_name(bottle_id)], check=False
         )
-        run_host_command(["ip", "netns", "delete", netns_name(bottle_id)], check=False)
-        run_host_command(
-            ["ip", "link", "delete", host_veth_name(bottle_id)], check=False
+        deleted = run_host_command(
+            ["ip", "netns", "delete", netns_name(bottle_id)], check=False
         )
+        if deleted.returncode != 0:
+            # The veth pair dies with its namespace; only a start cut short
+            # between the two can leave the host end alone.
+            run_host_command(
+                ["ip", "link", "delete", host_veth_name(bottle_id)], check=False
+            )
 
     def leftovers(self) -> set[str]:
         found = set()
@@ -359,10 +364,10 @@ table inet {table} {{
             ["ip", "-batch", "-"],
             f"netns add {namespace}\n"
             f"link add {veth} type veth peer name {INNER_VETH} netns {namespace}\n"
-            f"addr add {host_address}/30 dev {veth}\n",
+            f"addr add {host_address}/30 dev {veth}\n"
+            f"link set {veth} up\n",
         )
         _write_sysctl(f"net/ipv4/conf/{veth}/route_localnet", "1")
-        _run_with_input(["ip", "link", "set", veth, "up"], "")
         # The namespace gives up its own 127.0.0.1 so that every loopback
         # address the agent dials goes to the host, as under TSI, where the
         # host-side rules decide.  Beyond loopback it routes only its
