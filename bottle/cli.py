@@ -32,6 +32,7 @@ from bottle.backends import (
     load_backend,
 )
 from bottle.errors import BottleError, BottleNotFound, BottleUsageError
+from bottle.keeper import KEEPER_OWNER_KIND
 from bottle.pool import AliasPool, Lease, pool_from_environment
 from bottle.spec import read_spec_file, spec_from_mapping
 
@@ -222,12 +223,26 @@ def _find(pool: AliasPool, name: str) -> Lease:
 
 def _cmd_down(args: argparse.Namespace, pool: AliasPool) -> int:
     if args.all == bool(args.name):
-        raise BottleUsageError("bottle down", "give a bottle name or --all, not both")
+        raise BottleUsageError("bottle down", "give either a bottle name or --all")
     targets = pool.leases() if args.all else [_find(pool, args.name)]
+    status = 0
     for lease in targets:
+        if _held_by_another_program(lease):
+            status = EXIT_ERROR
+            sys.stderr.write(
+                f"bottle: {lease.bottle_id} belongs to a running process (pid "
+                f"{lease.owner.pid}) that is not a bottle keeper, e.g. a pytest "
+                "session; it stops its own bottles\n"
+            )
+            continue
         _stop_lease(pool, lease)
         _out(f"bottle {lease.bottle_id} is down; {lease.alias} is free")
-    return 0
+    return status
+
+
+def _held_by_another_program(lease: Lease) -> bool:
+    kind = lease.handle.get("owner_kind", KEEPER_OWNER_KIND)
+    return kind != KEEPER_OWNER_KIND and lease.owner.is_alive()
 
 
 def _stop_lease(pool: AliasPool, lease: Lease) -> None:

@@ -28,6 +28,10 @@ from bottle.spec import spec_from_mapping
 
 log = logging.getLogger("bottle.keeper")
 
+#: The owner kind a keeper records with its lease; ``bottle down`` signals
+#: only owners of this kind, never a pytest session that holds bottles.
+KEEPER_OWNER_KIND = "keeper"
+
 
 def keep(request: dict[str, Any], status_fd: int) -> int:
     """Start the requested bottle, report on ``status_fd``, wait, stop it."""
@@ -45,7 +49,9 @@ def keep(request: dict[str, Any], status_fd: int) -> int:
         # No host-wide reap here: it would take bottles of other lease stores
         # (another BOTTLE_STATE_DIR) for leftovers.  Dead owners' bottles of
         # this store are removed when the launcher acquires its lease.
-        launcher = Launcher(backend, pool, run=new_run_label())
+        launcher = Launcher(
+            backend, pool, run=new_run_label(), owner_kind=KEEPER_OWNER_KIND
+        )
         bottle = launcher.start(spec)
     except BottleError as exc:
         _report(status_fd, {"ok": False, "error": str(exc), "usage": _is_usage(exc)})

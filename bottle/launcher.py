@@ -42,11 +42,14 @@ class Launcher:
         owner: Owner | None = None,
         pool_wait_seconds: float = 0.0,
         registry: RunRegistry | None = None,
+        owner_kind: str = "process",
     ) -> None:
         self.backend = backend
         self.pool = pool
         self.run = run or new_run_label()
         self.registry = registry or RunRegistry()
+        #: Recorded with each lease: ``bottle down`` signals only keepers.
+        self.owner_kind = owner_kind
         self.hub = hub or ListenerHub()
         self._owns_hub = hub is None
         self.owner = owner or Owner.current()
@@ -75,6 +78,7 @@ class Launcher:
         except BaseException:
             self.pool.release(bottle_id)
             raise
+        bottle.handle["owner_kind"] = self.owner_kind
         try:
             self.pool.update(bottle_id, handle=bottle.handle)
         except BaseException:

@@ -22,7 +22,7 @@ from bottle.backends import BackendConfig
 from bottle.backends.netns import NetnsBackend, netns_name, table_name
 from bottle.launcher import Launcher
 from bottle.pool import AliasPool, AliasRange
-from bottle.spec import spec_from_mapping
+from bottle.spec import BottleSpec, spec_from_mapping
 from tests.conftest import needs_root_netns
 
 pytestmark = needs_root_netns
@@ -336,6 +336,21 @@ def test_down_removes_the_namespace_the_rules_and_the_lease(cli: Cli) -> None:
     with pytest.raises(ConnectionRefusedError):
         echo(started.alias, started.ports["echo"], b"anyone?")
     assert "no bottles" in cli.run("ls").stdout
+
+
+def test_down_leaves_a_bottle_that_another_program_holds(cli: Cli) -> None:
+    """`bottle down --all` signals keepers, never a pytest session."""
+    pool = AliasPool(AliasRange.parse(POOL), cli.state_dir)
+    launcher = Launcher(NetnsBackend(BackendConfig(cli.state_dir)), pool)
+    held = launcher.start(BottleSpec("held"))
+    try:
+        result = cli.run("down", "--all")
+
+        assert result.returncode == 1
+        assert "not a bottle keeper" in result.stderr
+        assert has_resources(held.bottle_id) == {"netns": True, "table": True}
+    finally:
+        launcher.stop_all()
 
 
 # -- bad input and failed starts -----------------------------------------
