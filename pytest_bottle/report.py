@@ -329,7 +329,7 @@ def _apply_known_bugs(item: pytest.Item) -> None:
         for bug in affecting(backend.name, version)
         if bug.id in named or bug.breaks & clauses
     ]
-    facts = [bottle.facts for bottle in _live_bottles(funcargs)]
+    facts = _bottle_facts(funcargs)
     for bug in bugs:
         assessment = assess(bug, facts)
         item.user_properties.append(
@@ -362,15 +362,32 @@ def _cached_version(config: pytest.Config, backend: Backend) -> str:
     return cached
 
 
-def _live_bottles(funcargs: Mapping[str, Any]) -> list[Bottle]:
-    """The bottles running for this test: the factory's, else its own."""
+def _bottle_facts(funcargs: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    """The backend facts of the bottles this test judges.
+
+    From the live bottles of the factory, the test's own bottles, and any
+    fixture value with a ``bottles`` mapping of bottle name to a record with
+    ``facts`` (the conformance suite's run, whose bottles are stopped once
+    probed and whose records may come from another pytest-xdist worker).
+    """
+    found: list[Mapping[str, Any]] = []
     factory = funcargs.get("bottle_factory")
-    bottles: list[Bottle] = []
     if isinstance(factory, BottleFactory):
-        bottles = list(factory.launcher.bottles.values())
-    if not bottles:
-        bottles = [value for value in funcargs.values() if isinstance(value, Bottle)]
-    return bottles
+        found += [bottle.facts for bottle in factory.launcher.bottles.values()]
+    for value in funcargs.values():
+        if isinstance(value, Bottle):
+            found.append(value.facts)
+        records = getattr(value, "bottles", None)
+        if not isinstance(records, Mapping) or value is factory:
+            continue
+        for record in records.values():
+            if isinstance(record, Bottle):
+                found.append(record.facts)
+            elif isinstance(record, Mapping) and isinstance(
+                record.get("facts"), Mapping
+            ):
+                found.append(record["facts"])
+    return found
 
 
 def _assessments(

@@ -537,8 +537,16 @@ def bottle_backend():
     return StubBackend()
 
 
+# Like the conformance suite's run: bottles stopped, their records kept.
+class Run:
+
+    bottles = {{"a": {{"facts": {{"allowlist_patch": "{patch}"}}}}}}
+
+
 @pytest.fixture
 def stub_bottle():
+    if {as_record}:
+        return Run()
     return Bottle(
         BottleSpec("a"), "r-a", "127.0.0.80", ["127.0.0.80/32"], "smolmachines",
         {{}}, facts={{"allowlist_patch": "{patch}"}},
@@ -572,15 +580,19 @@ def test_blocked(bottle_backend, stub_bottle, record_property):
         ("1.8.0", "not needed", False, {"passed": 1}, None),
     ],
 )
+@pytest.mark.parametrize("as_record", [False, True], ids=["bottle", "run-record"])
 def test_known_bug_marks_xfail_only_where_live(
     pytester: pytest.Pytester,
+    as_record: bool,
     version: str,
     patch: str,
     leaks: bool,
     outcome: dict[str, int],
     note: str | None,
 ) -> None:
-    pytester.makeconftest(_STUB_BACKEND.format(version=version, patch=patch))
+    pytester.makeconftest(
+        _STUB_BACKEND.format(version=version, patch=patch, as_record=as_record)
+    )
     pytester.makepyfile(test_stub=_STUB_TEST.format(leaks=leaks, bug=FROM_BUG))
     result = pytester.runpytest(
         "-p",
@@ -602,7 +614,9 @@ def test_known_bug_marks_xfail_only_where_live(
 
 
 def test_an_unknown_bug_id_in_a_marker_is_an_error(pytester: pytest.Pytester) -> None:
-    pytester.makeconftest(_STUB_BACKEND.format(version="0.8.0", patch="off"))
+    pytester.makeconftest(
+        _STUB_BACKEND.format(version="0.8.0", patch="off", as_record=False)
+    )
     pytester.makepyfile(test_stub=_STUB_TEST.format(leaks=False, bug="nosuch"))
     result = pytester.runpytest("-p", "no:cacheprovider")
     result.assert_outcomes(errors=1)
