@@ -18,7 +18,8 @@ import pytest
 from bottle.backends import BackendConfig
 from bottle.backends.netns import NetnsBackend, host_veth_name, netns_name, table_name
 from bottle.launcher import new_run_label, reap
-from bottle.pool import AliasPool, AliasRange
+from bottle.pool import AliasPool, AliasRange, Owner
+from bottle.runs import RunRegistry
 from tests.conftest import needs_root_netns
 
 pytestmark = needs_root_netns
@@ -152,11 +153,14 @@ def test_reap_removes_what_a_killed_run_left(host: Host) -> None:
     [("netns", "table"), ("netns",), ("table",)],
     ids=["netns-and-table", "netns-only", "table-only"],
 )
-def test_reap_removes_leftovers_that_have_no_lease(
-    host: Host, kinds: tuple[str, ...]
+def test_reap_removes_leftovers_of_a_dead_run_that_have_no_lease(
+    host: Host, kinds: tuple[str, ...], dead_owner: Owner
 ) -> None:
+    """The lease may live in a lost state directory; the run registry, which is
+    host-wide, says its owner is dead."""
     bottle_id = "deadbe-x"
     host.ids.add(bottle_id)
+    RunRegistry().register("deadbe", dead_owner)
     if "netns" in kinds:
         subprocess.run(["ip", "netns", "add", netns_name(bottle_id)], check=True)
     if "table" in kinds:
@@ -171,6 +175,27 @@ def test_reap_removes_leftovers_that_have_no_lease(
 
     assert bottle_id in removed
     assert host.names_of("deadbe") == set()
+
+
+def test_reap_leaves_leftovers_of_runs_it_cannot_account_for(host: Host) -> None:
+    """No lease here and no run record: another lease store may own it."""
+    bottle_id = "0ther5-x"
+    host.ids.add(bottle_id)
+    subprocess.run(["ip", "netns", "add", netns_name(bottle_id)], check=True)
+
+    removed = reap(host.backend, host.pool)
+
+    assert bottle_id not in removed
+    assert netns_name(bottle_id) in host.names_of("0ther5")
+
+
+@pytest.fixture
+def dead_owner() -> Owner:
+    """The identity of a process that has exited."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    owner = Owner.of_pid(child.pid)
+    child.wait()
+    return owner
 
 
 def test_reap_never_touches_a_live_owners_bottle(host: Host) -> None:
