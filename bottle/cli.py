@@ -6,6 +6,8 @@
     bottle exec NAME -- CMD...
     bottle setup            (also: bottle smolvm-setup)
     bottle doctor
+    bottle report diff OLD.json NEW.json
+    bottle check [--backend B] [--out DIR] [-- PYTEST ARGS...]
 
 Exit codes: 0 success, 1 a bottle or backend error, 4 bad input.
 """
@@ -31,6 +33,7 @@ from bottle.backends import (
     available_backends,
     load_backend,
 )
+from bottle.cli_report import REPORT_COMMANDS, add_report_commands
 from bottle.errors import BottleError, BottleNotFound, BottleUsageError
 from bottle.keeper import KEEPER_OWNER_KIND
 from bottle.pool import AliasPool, Lease, pool_from_environment
@@ -97,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name in ("setup", "smolvm-setup"):
         commands.add_parser(name, help="prepare the host's loopback aliases")
     commands.add_parser("doctor", help="what each backend needs and whether it is here")
+    add_report_commands(commands)
     return parser
 
 
@@ -355,6 +359,7 @@ _COMMANDS = {
     "smolvm-setup": _cmd_setup,
     "doctor": _cmd_doctor,
 }
+_COMMANDS.update(REPORT_COMMANDS)
 
 
 if __name__ == "__main__":

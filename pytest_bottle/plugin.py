@@ -13,7 +13,7 @@ import logging
 import os
 import signal
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -494,16 +494,18 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 # -- the matrix in the terminal summary ----------------------------------------
 
 
-def record_cell(record_property: Callable[[str, object], None], cell: Cell) -> None:
-    """Attach ``cell`` to the current test's report for the summary."""
-    record_property(CELL_PROPERTY, json.dumps(cell.to_json()))
+def record_cell(item: pytest.Item, cell: Cell) -> None:
+    """Attach ``cell`` to the test's report for the matrix and the reports.
+
+    It goes to the item's user properties directly, not through the
+    ``record_property`` fixture, which warns under junitxml's xunit2 family.
+    """
+    item.user_properties.append((CELL_PROPERTY, json.dumps(cell.to_json())))
 
 
-def record_facts(
-    record_property: Callable[[str, object], None], record: dict[str, Any]
-) -> None:
+def record_facts(item: pytest.Item, record: dict[str, Any]) -> None:
     """Attach a bottle's record (alias, allowlists, backend version and facts)."""
-    record_property(FACTS_PROPERTY, json.dumps(record))
+    item.user_properties.append((FACTS_PROPERTY, json.dumps(record)))
 
 
 class MatrixCollector:

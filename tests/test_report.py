@@ -296,9 +296,9 @@ from pytest_bottle.plugin import record_cell
 
 CELLS = json.loads({cells!r})
 
-def test_cells(record_property):
+def test_cells(request):
     for record in CELLS:
-        record_cell(record_property, Cell.from_json(record))
+        record_cell(request.node, Cell.from_json(record))
 """
 
 
