@@ -311,7 +311,6 @@ def _render_compact(
         lines.append(row.ljust(label_width) + " " + "".join(glyphs))
     lines.append("+ connected, . blocked, as expected; a letter: a mismatch's class")
     lines.append(
-        "C=CONNECTED D=DENIED R=REFUSED U=UNREACHABLE T=TIMEOUT E=ERROR "
-        "I=INCONCLUSIVE"
+        "C=CONNECTED D=DENIED R=REFUSED U=UNREACHABLE T=TIMEOUT E=ERROR I=INCONCLUSIVE"
     )
     return lines
