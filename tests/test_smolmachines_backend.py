@@ -15,6 +15,7 @@ import pickle
 import shutil
 import sqlite3
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -41,7 +42,9 @@ from bottle.errors import BackendUnavailable, BottleUsageError
 from bottle.launcher import reap
 from bottle.listeners import Listener
 from bottle.matrix import Matrix, judge, plan_targets
+from bottle.pool import Owner
 from bottle.probe import Outcome, run_probes
+from bottle.runs import RunRegistry
 from bottle.smolvm import (
     FAKE_MARKER,
     Smolvm,
@@ -304,7 +307,7 @@ def test_a_real_smolvm_needs_a_hypervisor(tmp_path: Path) -> None:
     real = SmolvmVersion(1, 8, 0)
     missing = hypervisor_requirement(real, system="Linux", kvm=tmp_path / "kvm")
     assert not missing.present
-    assert missing.detail == f"hypervisor: {tmp_path / 'kvm'} is missing (enable KVM)"
+    assert missing.detail == f"{tmp_path / 'kvm'} is missing (enable KVM)"
     other = hypervisor_requirement(real, system="Windows")
     assert "macOS and Linux, not Windows" in other.detail
     assert hypervisor_requirement(SmolvmVersion(1, 8, 0, fake=True)).present
@@ -416,6 +419,12 @@ def test_the_reaper_removes_machines_of_dead_runs(
     smolvm.create(machine_name("dead00-a"), source=str(packed))
     smolvm.start(machine_name("dead00-a"))
     assert "dead00-a" in launcher.backend.leftovers()
+    assert reap(launcher.backend, launcher.pool) == [], "an unknown run was reaped"
+
+    exited = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead_owner = Owner.of_pid(exited.pid)
+    exited.wait()
+    RunRegistry().register("dead00", dead_owner)
 
     assert reap(launcher.backend, launcher.pool) == ["dead00-a"]
     assert launcher.backend.leftovers() == set()
