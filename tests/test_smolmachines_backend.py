@@ -401,14 +401,32 @@ def test_with_the_patch_every_cell_holds(
 @needs_root_netns
 def test_a_failed_start_leaves_nothing(launcher: Launcher, tmp_path: Path) -> None:
     """A start that fails removes what it made and gives the alias back."""
-    with pytest.raises(BottleUsageError, match="needs `source`"):
-        launcher.start(BottleSpec("noagent"))
     gone = tmp_path / "gone.smolmachine"
     spec = BottleSpec("a", agent=AgentSpec(source=str(gone)))
     with pytest.raises(Exception, match=r"smolmachine .* not found"):
         launcher.start(spec)
     assert launcher.backend.leftovers() == set()
     assert launcher.pool.leases() == []
+
+
+def test_an_agent_from_nothing_is_a_usage_error_on_a_real_smolvm(
+    tmp_path: Path,
+) -> None:
+    """Only the stand-in makes agents from a placeholder; smolvm needs one named."""
+    real = write_script(
+        tmp_path / "smolvm",
+        'case "$1" in --version) echo "smolvm 1.8.0";; '
+        '*) printf "Commands:\\n  machine  Manage machines\\n";; esac',
+    )
+    backend = load_backend(
+        "smolmachines", BackendConfig(tmp_path / "state", {"smolvm": str(real)})
+    )
+    pool = AliasPool(AliasRange.parse(POOL), state_dir=tmp_path / "state")
+    launcher = Launcher(backend, pool)
+    with pytest.raises(BottleUsageError, match=r"needs `source`.*option source=PATH"):
+        launcher.start(BottleSpec("noagent"))
+    assert launcher.pool.leases() == []
+    launcher.stop_all()
 
 
 @needs_root_netns

@@ -24,6 +24,12 @@ Backend options (``--bottle-backend-option KEY=VALUE``):
     for this platform).
 ``allowlist_patch``
     ``on`` (default) or ``off``.  ``off`` exists to show the leak.
+``source`` / ``image``
+    What agents are made from when their spec names neither ``[agent]
+    source`` nor ``image``: a packed ``.smolmachine`` (``--from``) or an
+    image.  With neither, the test stand-in's agents come from an empty
+    placeholder file in the state dir (its guests are namespaces), and a
+    real smolvm refuses to start with a line naming these options.
 ``prober``
     The command, inside the guest, that runs bot-bottle's prober (a shell-
     style string).  The default, this Python running ``bottle/prober.py``
@@ -93,7 +99,15 @@ OPTIONS = {
         "command that runs the prober inside the guest (default: this Python "
         "and bottle/prober.py, right for the test stand-in only)"
     ),
+    "source": (
+        "packed .smolmachine of agents whose spec names no [agent] source or "
+        "image (machine create --from)"
+    ),
+    "image": "image of agents whose spec names no [agent] source or image",
 }
+
+#: What agents of the test stand-in are made from when nothing is named.
+STANDIN_SOURCE = "stand-in-agent.smolmachine"
 
 #: Facts recorded under ``bottle.facts["allowlist_patch"]``.
 PATCH_APPLIED = "applied"
@@ -124,6 +138,12 @@ class SmolmachinesBackend:
         if not self.prober:
             raise BottleUsageError("backend option prober", "is empty")
         self.db = SmolvmDb(resolve_db_path(config.options.get("smolvm_db")))
+        self.source = config.options.get("source", "")
+        self.image = config.options.get("image", "")
+        if self.source and self.image:
+            raise BottleUsageError(
+                "backend options source and image", "give one of them, not both"
+            )
         self._smolvm: Smolvm | None = None
 
     # -- what the host needs -------------------------------------------------
@@ -146,10 +166,10 @@ class SmolmachinesBackend:
             smolvm = Smolvm.locate(self.config.options.get("smolvm"))
         except SmolvmUnusable as exc:
             if exc.what == "binary":
-                binary = Requirement("smolvm binary", False, exc.problem)
+                binary = Requirement("smolvm binary", False, _detail(exc))
             else:
                 binary = Requirement("smolvm binary", True, exc.path)
-                version = Requirement("smolvm version", False, exc.problem)
+                version = Requirement("smolvm version", False, _detail(exc))
             return [binary, version, hypervisor]
         self._smolvm = smolvm
         found = smolvm.version()
@@ -158,9 +178,12 @@ class SmolmachinesBackend:
         return [binary, version, hypervisor_requirement(found)]
 
     def check(self) -> None:
+        # The first missing one: the others were "not checked" because of it.
         for requirement in self.requirements():
             if not requirement.present:
-                raise BackendUnavailable(self.name, requirement.detail)
+                raise BackendUnavailable(
+                    self.name, f"{requirement.what}: {requirement.detail}"
+                )
 
     def version(self) -> str:
         return f"smolvm {self.smolvm.version()}"
@@ -171,7 +194,7 @@ class SmolmachinesBackend:
         bottle_id = lease.bottle_id
         machine = machine_name(bottle_id)
         allowlist = spec.effective_allowlist(lease.alias)
-        source, image = _agent_source(spec)
+        source, image = self._agent_source(spec)
         ports = _published_ports(spec)
         smolvm = self.smolvm
         found = smolvm.version()
@@ -301,6 +324,29 @@ class SmolmachinesBackend:
 
     # -- the pieces ------------------------------------------------------------
 
+    def _agent_source(self, spec: BottleSpec) -> tuple[str, str]:
+        """``(source, image)`` of the agent: the spec's, else the options'."""
+        if spec.agent.source:
+            return str(Path(spec.agent.source).expanduser()), ""
+        if spec.agent.image:
+            return "", spec.agent.image
+        if self.source:
+            return str(Path(self.source).expanduser()), ""
+        if self.image:
+            return "", self.image
+        if self.smolvm.version().fake:
+            # The stand-in's guests are namespaces: any packed file will do,
+            # and `--from` is the path the allowlist bug lives on.
+            placeholder = self.config.state_dir / "smolmachines" / STANDIN_SOURCE
+            placeholder.parent.mkdir(parents=True, exist_ok=True)
+            placeholder.touch()
+            return str(placeholder), ""
+        raise BottleUsageError(
+            f"[agent] of bottle {spec.name!r}",
+            "the smolmachines backend needs `source` (a packed .smolmachine) or "
+            "`image` in the spec, or the backend option source=PATH or image=REF",
+        )
+
     def _patch(
         self, machine: str, allowlist: list[str], found: SmolvmVersion
     ) -> dict[str, Any]:
@@ -369,14 +415,12 @@ def hypervisor_requirement(
     system = system or platform.system()
     if system == "Linux":
         if not kvm.exists():
-            return Requirement(
-                "hypervisor", False, f"hypervisor: {kvm} is missing (enable KVM)"
-            )
+            return Requirement("hypervisor", False, f"{kvm} is missing (enable KVM)")
         if not os.access(kvm, os.R_OK | os.W_OK):
             return Requirement(
                 "hypervisor",
                 False,
-                f"hypervisor: {kvm} is not readable and writable by this user "
+                f"{kvm} is not readable and writable by this user "
                 "(add it to the kvm group)",
             )
         return Requirement("hypervisor", True, str(kvm))
@@ -391,28 +435,25 @@ def hypervisor_requirement(
             return Requirement(
                 "hypervisor",
                 False,
-                "hypervisor: Hypervisor.framework is not available "
+                "Hypervisor.framework is not available "
                 f"(kern.hv_support={support or 'unset'})",
             )
         return Requirement("hypervisor", True, "Hypervisor.framework")
     return Requirement(
-        "hypervisor", False, f"hypervisor: smolvm runs on macOS and Linux, not {system}"
+        "hypervisor", False, f"smolvm runs on macOS and Linux, not {system}"
     )
+
+
+def _detail(exc: SmolvmUnusable) -> str:
+    """The problem without its ``smolvm binary: `` lead, which the line adds."""
+    lead = f"smolvm {exc.what}: "
+    if exc.what in ("binary", "version"):
+        return exc.problem.removeprefix(lead)
+    return exc.problem
 
 
 def _machine_of(bottle: Bottle) -> str:
     return str(bottle.handle.get("machine") or machine_name(bottle.bottle_id))
-
-
-def _agent_source(spec: BottleSpec) -> tuple[str, str]:
-    if spec.agent.source:
-        return str(Path(spec.agent.source).expanduser()), ""
-    if spec.agent.image:
-        return "", spec.agent.image
-    raise BottleUsageError(
-        f"[agent] of bottle {spec.name!r}",
-        "the smolmachines backend needs `source` (a packed .smolmachine) or `image`",
-    )
 
 
 def _published_ports(spec: BottleSpec) -> list[tuple[int, int]]:
