@@ -18,6 +18,7 @@ import ctypes
 import dataclasses
 import logging
 import os
+import re
 import socket
 import threading
 import time
@@ -29,6 +30,7 @@ log = logging.getLogger(__name__)
 
 _CLONE_NEWNET = 0x40000000
 _MAX_LINE = 256
+_PRINTABLE = re.compile(r"[^A-Za-z0-9_.:-]")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,7 +64,10 @@ class Listener:
         self._server: asyncio.AbstractServer | None = None
         self._transport: asyncio.BaseTransport | None = None
 
-    def record(self, peer: str, nonce: str) -> None:
+    def record(self, peer: str, payload: str) -> None:
+        # Payloads are nonce lines, or DNS queries that carry the nonce in
+        # a name: keep what is printable so the nonce can be found in both.
+        nonce = _PRINTABLE.sub(".", payload)
         with self._guard:
             self._touches.append(Touch(peer, nonce, time.time()))
             if self.log_path is not None:
@@ -76,7 +81,7 @@ class Listener:
             return list(self._touches)
 
     def saw_nonce(self, nonce: str) -> bool:
-        return any(touch.nonce == nonce for touch in self.touches)
+        return any(nonce in touch.nonce for touch in self.touches)
 
     def __repr__(self) -> str:
         return f"<Listener {self.label} {self.proto} {self.host}:{self.port}>"
@@ -93,7 +98,7 @@ class _EchoDatagram(asyncio.DatagramProtocol):
 
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
         line = data.split(b"\n", 1)[0][:_MAX_LINE]
-        self.listener.record(f"{addr[0]}:{addr[1]}", line.decode(errors="replace"))
+        self.listener.record(f"{addr[0]}:{addr[1]}", line.decode("latin-1"))
         if self.transport is not None:
             self.transport.sendto(line + b"\n", addr)
 

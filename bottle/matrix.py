@@ -176,7 +176,9 @@ def _judge_one(source: str, result: ProbeResult, witness: NonceWitness | None) -
         expected = EXPECT_BLOCKED
         failed_to_connect = result.outcome in BLOCKED_OUTCOMES
         passed = failed_to_connect and saw is not True
-        if passed:
+        if passed and result.outcome is Outcome.UNSUPPORTED:
+            reason = "unreachable: the bottle has no such address family or address"
+        elif passed:
             reason = f"blocked ({result.outcome})" + (
                 ", and the listener logged nothing" if saw is False else ""
             )
@@ -239,6 +241,7 @@ _SHORT = {
     Outcome.REFUSED: "REFU",
     Outcome.UNREACHABLE: "UNRE",
     Outcome.TIMEOUT: "TIME",
+    Outcome.UNSUPPORTED: "UNSU",
     Outcome.ERROR: "ERRO",
     Outcome.INCONCLUSIVE: "INCO",
 }
@@ -290,6 +293,9 @@ def _cell_text(cell: Cell) -> str:
     return f"{expected}/{_SHORT[cell.actual]}{mark}"
 
 
+_GLYPH = {Outcome.UNSUPPORTED: "N"}
+
+
 def _render_compact(
     rows: list[str], columns: list[str], matrix: Matrix, width: int
 ) -> list[str]:
@@ -307,10 +313,12 @@ def _render_compact(
             elif cell.passed:
                 glyphs.append("+" if cell.expected == EXPECT_CONNECTED else ".")
             else:
-                glyphs.append(cell.actual.value[0])
+                glyphs.append(_GLYPH.get(cell.actual, cell.actual.value[0]))
         lines.append(row.ljust(label_width) + " " + "".join(glyphs))
-    lines.append("+ connected, . blocked, as expected; a letter: a mismatch's class")
-    lines.append(
-        "C=CONNECTED D=DENIED R=REFUSED U=UNREACHABLE T=TIMEOUT E=ERROR I=INCONCLUSIVE"
+    legend = (
+        "+ connected, . blocked, as expected; a mismatch shows its class: "
+        "C=CONNECTED D=DENIED R=REFUSED U=UNREACHABLE T=TIMEOUT E=ERROR "
+        "I=INCONCLUSIVE N=UNSUPPORTED"
     )
+    lines.extend(textwrap.wrap(legend, width))
     return lines

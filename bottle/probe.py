@@ -25,13 +25,23 @@ class Outcome(enum.StrEnum):
     REFUSED = "REFUSED"
     UNREACHABLE = "UNREACHABLE"
     TIMEOUT = "TIMEOUT"
+    #: The bottle has no such address family or address (e.g. no IPv6): the
+    #: target cannot be reached, and the cell says why instead of passing
+    #: as an ordinary block.
+    UNSUPPORTED = "UNSUPPORTED"
     ERROR = "ERROR"
     INCONCLUSIVE = "INCONCLUSIVE"
 
 
 #: Every outcome that counts as "the connection did not happen".
 BLOCKED_OUTCOMES = frozenset(
-    {Outcome.DENIED, Outcome.REFUSED, Outcome.UNREACHABLE, Outcome.TIMEOUT}
+    {
+        Outcome.DENIED,
+        Outcome.REFUSED,
+        Outcome.UNREACHABLE,
+        Outcome.TIMEOUT,
+        Outcome.UNSUPPORTED,
+    }
 )
 
 
@@ -40,6 +50,7 @@ class TargetKind(enum.StrEnum):
     BUNDLE = "bundle"
     SENTINEL = "sentinel"
     EGRESS = "egress"
+    OWN_LOOPBACK = "own-loopback"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,6 +122,8 @@ def run_probes(
         *backend.prober_command(bottle),
         "--timeout-ms",
         str(int(timeout * 1000)),
+        "--marker",
+        bottle.name,
         *arguments,
     ]
     result = backend.exec(bottle, argv, timeout=timeout + 30)

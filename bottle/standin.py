@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import subprocess
+from collections.abc import Sequence
 from pathlib import Path
 
 from bottle.errors import BottleUsageError, CommandFailed
@@ -34,6 +35,7 @@ log = logging.getLogger(__name__)
 STANDIN_PREFIX = "bs-"
 _STANDIN_VETH_PREFIX = "bsh"
 _INNER_VETH = "bs0"
+_OWN_DEVICE_PREFIXES = ("bsh", "bbh")
 
 
 def standin_netns(run: str) -> str:
@@ -55,16 +57,15 @@ class FileWitness:
             text = self.path.read_text(encoding="utf-8")
         except FileNotFoundError:
             return False
-        return any(line.split(" ", 1)[0] == nonce for line in text.splitlines())
+        return any(nonce in line.split(" ", 1)[0] for line in text.splitlines())
 
 
 @dataclasses.dataclass
 class StandIn:
-    """A namespace that owns ``address`` and logs every nonce sent to it."""
+    """A namespace that owns the outside targets and logs every nonce sent."""
 
     run: str
-    address: str
-    port: int
+    targets: list[tuple[str, int]]
     log_path: Path
     listeners: list[Listener] = dataclasses.field(default_factory=list)
 
@@ -72,40 +73,36 @@ class StandIn:
     def witness(self) -> FileWitness:
         return FileWitness(self.log_path)
 
-    def describe(self) -> dict[str, object]:
-        return {
-            "run": self.run,
-            "address": self.address,
-            "port": self.port,
-            "log": str(self.log_path),
-        }
-
 
 def start_standin(
-    address: str, port: int, hub: ListenerHub, pool: AliasPool, run: str
+    targets: Sequence[tuple[str, int]], hub: ListenerHub, pool: AliasPool, run: str
 ) -> StandIn:
-    """Create the stand-in namespace for ``address:port`` and its listeners.
+    """Create one stand-in namespace owning every ``(address, port)`` target.
 
-    The host gets a ``/32`` route to ``address`` and nothing else; the stand-in
-    answers on TCP and UDP.  Refuses an address this host already routes
-    somewhere more specific than its default route, so a stand-in can never
-    take over the path to the host's uplink, resolver or package mirrors.
+    The host gets a ``/32`` route to each address and nothing else; the
+    stand-in answers on TCP and UDP at each target.  Refuses an address in a
+    ``/24`` this host uses for its uplink, resolver or package mirrors, so a
+    stand-in can never take over the path to them.
     """
-    target = ipaddress.ip_address(address)
-    if not isinstance(target, ipaddress.IPv4Address) or target.is_loopback:
-        raise BottleUsageError(
-            f"egress stand-in address {address}",
-            "must be a non-loopback IPv4 address such as 198.51.100.53",
-        )
-    _refuse_used_address(address)
+    targets = list(dict.fromkeys(targets))
+    addresses = list(dict.fromkeys(address for address, _ in targets))
+    for address in addresses:
+        target = ipaddress.ip_address(address)
+        if not isinstance(target, ipaddress.IPv4Address) or target.is_loopback:
+            raise BottleUsageError(
+                f"outside stand-in address {address}",
+                "must be a non-loopback IPv4 address such as 198.51.100.53",
+            )
+        _refuse_used_address(address)
 
     namespace = standin_netns(run)
     veth = _standin_veth(run)
-    host_side = _host_side_address(target)
+    host_side = _host_side_address(
+        [ipaddress.IPv4Address(address) for address in addresses]
+    )
     log_dir = pool.state_dir / "standins"
     log_dir.mkdir(parents=True, exist_ok=True)
-    log_path = log_dir / f"{run}.nonces"
-    standin = StandIn(run, address, port, log_path)
+    standin = StandIn(run, targets, log_dir / f"{run}.nonces")
     try:
         _run(
             ["ip", "-batch", "-"],
@@ -113,30 +110,36 @@ def start_standin(
             f"link add {veth} type veth peer name {_INNER_VETH} netns {namespace}\n"
             f"addr add {host_side}/32 dev {veth}\n"
             f"link set {veth} up\n"
-            f"route add {address}/32 dev {veth} src {host_side}\n",
+            + "".join(
+                f"route add {address}/32 dev {veth} src {host_side}\n"
+                for address in addresses
+            ),
+            what=f"owning {', '.join(addresses)} (another run's stand-in may own "
+            "them: `ip route` shows which bsh* device)",
         )
         _run(
             ["ip", "-n", namespace, "-batch", "-"],
             "link set lo up\n"
-            f"addr add {address}/32 dev {_INNER_VETH}\n"
-            f"link set {_INNER_VETH} up\n"
+            + "".join(f"addr add {a}/32 dev {_INNER_VETH}\n" for a in addresses)
+            + f"link set {_INNER_VETH} up\n"
             f"route add {host_side}/32 dev {_INNER_VETH}\n"
             f"route add default via {host_side} dev {_INNER_VETH}\n",
         )
-        for proto in ("tcp", "udp"):
-            listener = hub.listen(
-                address,
-                port,
-                proto=proto,
-                label=f"egress stand-in {proto}",
-                netns=namespace,
-                log_path=log_path,
-            )
-            standin.listeners.append(listener)
+        for address, port in targets:
+            for proto in ("tcp", "udp"):
+                listener = hub.listen(
+                    address,
+                    port,
+                    proto=proto,
+                    label=f"outside stand-in {proto}",
+                    netns=namespace,
+                    log_path=standin.log_path,
+                )
+                standin.listeners.append(listener)
     except BaseException:
         stop_standin(standin, hub)
         raise
-    log.info("egress stand-in %s:%d in namespace %s", address, port, namespace)
+    log.info("outside stand-in for %s in namespace %s", targets, namespace)
     return standin
 
 
@@ -182,10 +185,15 @@ def _remove(run: str) -> None:
         subprocess.run(argv, capture_output=True, check=False)
 
 
-def _host_side_address(target: ipaddress.IPv4Address) -> ipaddress.IPv4Address:
+def _host_side_address(
+    targets: list[ipaddress.IPv4Address],
+) -> ipaddress.IPv4Address:
     # The host end of the veth needs an address for the stand-in to answer
-    # to; take the target's neighbour, which is as unused as the target.
-    return target + 1 if int(target) & 0xFF != 0xFE else target - 1
+    # to; take a neighbour of the first target, as unused as the targets are.
+    for candidate in (targets[0] + 1, targets[0] - 1, targets[0] + 2):
+        if candidate not in targets:
+            return candidate
+    raise BottleUsageError("outside stand-in", f"no free neighbour of {targets[0]}")
 
 
 def _refuse_used_address(address: str) -> None:
@@ -215,6 +223,8 @@ def _addresses_this_host_depends_on() -> set[str]:
     )
     with contextlib.suppress(ValueError):
         for route in json.loads(routes.stdout or "[]"):
+            if str(route.get("dev", "")).startswith(_OWN_DEVICE_PREFIXES):
+                continue  # the project's own veths, e.g. another stand-in
             for key in ("gateway", "prefsrc"):
                 if key in route:
                     found.add(route[key])
@@ -244,9 +254,10 @@ def _is_ipv4(text: str) -> bool:
     return True
 
 
-def _run(argv: list[str], text: str) -> None:
+def _run(argv: list[str], text: str, what: str = "") -> None:
     completed = subprocess.run(
         argv, input=text, capture_output=True, text=True, check=False, timeout=30
     )
     if completed.returncode != 0:
-        raise CommandFailed(argv, completed.returncode, completed.stderr)
+        stderr = f"{completed.stderr.strip()} ({what})" if what else completed.stderr
+        raise CommandFailed(argv, completed.returncode, stderr)

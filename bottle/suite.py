@@ -1,7 +1,8 @@
-"""One conformance run: start bottles and sentinels, probe, build the matrix.
+"""One conformance run: sentinels, outside targets, probes, and the matrix.
 
-Used by the pytest plugin's conformance suite and by ``bottle check``, so
-the same run is available with and without pytest.
+Used by the pytest plugin's conformance suite, by ``bottle check`` and by the
+benchmarks, so the same run is available with and without pytest.  Which
+columns a matrix has, and why, is listed in :mod:`bottle.catalogue`.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ import concurrent.futures
 import dataclasses
 import ipaddress
 import logging
+import random
+import socket
 from collections.abc import Mapping, Sequence
 
 import psutil
@@ -18,17 +21,34 @@ from bottle.backends import Backend, Bottle
 from bottle.backends.base import NonceWitness
 from bottle.errors import BottleUsageError
 from bottle.listeners import Listener, ListenerHub
-from bottle.matrix import Matrix, judge, plan_targets
-from bottle.probe import DEFAULT_PROBE_TIMEOUT_SECONDS, Target, TargetKind, run_probes
+from bottle.matrix import Matrix, bundle_key, judge
+from bottle.probe import (
+    DEFAULT_PROBE_TIMEOUT_SECONDS,
+    Target,
+    TargetKind,
+    run_probes,
+)
 
 log = logging.getLogger(__name__)
 
 DEFAULT_EGRESS_TARGET = "8.8.8.8:53"
+DEFAULT_METADATA_TARGET = "169.254.169.254:80"
+DEFAULT_PUBLIC_TARGET = "1.1.1.1:443"
+
+#: Where the outside targets point when a stand-in owns them: test
+#: addresses (TEST-NET-2) that no network routes.
+STANDIN_DEFAULTS = {
+    "egress": "198.51.100.53:53",
+    "dns": "198.51.100.53:53",
+    "metadata": "198.51.100.254:80",
+    "public": "198.51.100.77:443",
+}
+
 LOOPBACK_SENTINEL_KEY = "sentinel:127.0.0.1"
 
 #: Interfaces the project creates itself; their host ends are covered by each
 #: backend's own host-side addresses instead.
-_OWN_INTERFACE_PREFIXES = ("bbh", "bsh", "br-", "veth")
+_OWN_INTERFACE_PREFIXES = ("bbh", "bsh", "bdi", "bdp", "br-", "veth", "bench")
 
 
 def parse_host_port(text: str, what: str = "egress target") -> tuple[str, int]:
@@ -46,95 +66,270 @@ def parse_host_port(text: str, what: str = "egress target") -> tuple[str, int]:
     return host, port
 
 
+def resolver_of_this_host() -> str:
+    """The first nameserver of ``/etc/resolv.conf`` as ``HOST:53``."""
+    try:
+        with open("/etc/resolv.conf", encoding="utf-8") as stream:
+            for line in stream:
+                fields = line.split()
+                if fields[:1] == ["nameserver"] and len(fields) > 1:
+                    host = fields[1]
+                    return f"[{host}]:53" if ":" in host else f"{host}:53"
+    except OSError:
+        pass
+    return DEFAULT_EGRESS_TARGET
+
+
 def host_addresses() -> dict[str, str]:
-    """This host's own non-loopback IPv4 addresses, by interface name."""
-    found = {}
+    """This host's own non-loopback addresses, by ``host:IF`` / ``host6:IF``."""
+    found: dict[str, str] = {}
     for interface, addresses in sorted(psutil.net_if_addrs().items()):
         if interface.startswith(_OWN_INTERFACE_PREFIXES) or interface == "lo":
             continue
         for address in addresses:
-            if address.family.name == "AF_INET":
-                found[f"host:{interface}"] = address.address
-                break
+            if address.family == socket.AF_INET:
+                found.setdefault(f"host:{interface}", address.address)
+            elif (
+                address.family == socket.AF_INET6
+                and "%" not in address.address
+                and not ipaddress.IPv6Address(address.address).is_link_local
+            ):
+                found.setdefault(f"host6:{interface}", address.address)
     return found
+
+
+@dataclasses.dataclass(frozen=True)
+class OutsideTarget:
+    """An address outside the host that no bottle may reach."""
+
+    key: str
+    host: str
+    port: int
+    proto: str = "tcp"
+
+
+def outside_targets(
+    egress: tuple[str, int],
+    dns: tuple[str, int],
+    metadata: tuple[str, int],
+    public: tuple[str, int],
+) -> list[OutsideTarget]:
+    """The outside columns: egress over TCP and UDP, DNS, metadata, public."""
+    return [
+        OutsideTarget("egress", *egress),
+        OutsideTarget("egress/udp", *egress, proto="udp"),
+        OutsideTarget("dns", *dns, proto="dns"),
+        OutsideTarget("metadata", *metadata),
+        OutsideTarget("public", *public),
+    ]
 
 
 @dataclasses.dataclass
 class Sentinels:
     """The host listeners every bottle must never reach.
 
-    ``loopback`` listens on ``127.0.0.1``; ``everywhere`` on every host
-    interface (``0.0.0.0``), and is probed at each address the host owns and
-    at each address where a bottle sees the host (its gateways).
+    ``loopback`` listens on ``127.0.0.1`` (TCP) and ``loopback_udp`` on the
+    same address over UDP; ``loopback6`` on ``[::1]``.  ``everywhere`` and
+    ``everywhere6`` listen on every host interface, and are probed at every
+    address the host owns, at the bottle's gateways and at the pool's other
+    aliases.
     """
 
     loopback: Listener
+    loopback_udp: Listener
+    loopback6: Listener | None
     everywhere: Listener
+    everywhere6: Listener | None
 
     @classmethod
     def start(cls, hub: ListenerHub) -> Sentinels:
         loopback = hub.listen("127.0.0.1", 0, label="sentinel 127.0.0.1")
+        loopback_udp = hub.listen(
+            "127.0.0.1", 0, proto="udp", label="sentinel 127.0.0.1/udp"
+        )
         everywhere = hub.listen("0.0.0.0", 0, label="sentinel 0.0.0.0")
-        return cls(loopback, everywhere)
+        loopback6 = everywhere6 = None
+        if socket.has_ipv6:
+            try:
+                loopback6 = hub.listen("::1", 0, label="sentinel [::1]")
+                everywhere6 = hub.listen("::", 0, label="sentinel [::]")
+            except OSError as exc:
+                log.warning("this host has no IPv6 loopback: %s", exc)
+        return cls(loopback, loopback_udp, loopback6, everywhere, everywhere6)
+
+    def all(self) -> list[Listener]:
+        return [
+            listener
+            for listener in (
+                self.loopback,
+                self.loopback_udp,
+                self.loopback6,
+                self.everywhere,
+                self.everywhere6,
+            )
+            if listener is not None
+        ]
 
     def close(self, hub: ListenerHub) -> None:
-        hub.close(self.loopback)
-        hub.close(self.everywhere)
+        for listener in self.all():
+            hub.close(listener)
+
+
+@dataclasses.dataclass
+class Plan:
+    """What one run probes, beyond the bottles themselves."""
+
+    sentinels: Sentinels
+    outside: list[OutsideTarget]
+    outside_witness: NonceWitness | None = None
+    #: Every alias of the pool; each bottle probes all but its own.
+    pool_aliases: list[str] = dataclasses.field(default_factory=list)
+    #: The port both agents listen on for the loopback collision probe.
+    collision_port: int = dataclasses.field(
+        default_factory=lambda: random.randint(40000, 59999)
+    )
 
 
 def targets_for(
-    source: Bottle,
-    bottles: Sequence[Bottle],
-    backend: Backend,
-    sentinels: Sentinels,
-    egress: tuple[str, int] | None,
+    source: Bottle, bottles: Sequence[Bottle], backend: Backend, plan: Plan
 ) -> list[Target]:
-    """Everything ``source`` probes, in the matrix's column order."""
-    targets = plan_targets(
-        source, bottles, {LOOPBACK_SENTINEL_KEY: sentinels.loopback}, egress
+    """Every target ``source`` probes, in the matrix's column order."""
+    sentinels = plan.sentinels
+    targets = []
+    for bottle in bottles:
+        own = bottle.bottle_id == source.bottle_id
+        port = next(iter(bottle.bundle_ports.values()))
+        targets.append(
+            Target(
+                bundle_key(bottle.name),
+                TargetKind.OWN_BUNDLE if own else TargetKind.BUNDLE,
+                bottle.bundle_host,
+                port,
+                must_reach=own,
+            )
+        )
+    own_port = next(iter(source.bundle_ports.values()))
+    for bottle in bottles:
+        port = next(iter(bottle.bundle_ports.values()))
+        if bottle.bottle_id != source.bottle_id and port != own_port:
+            targets.append(
+                Target(
+                    f"via-own-alias:{bottle.name}",
+                    TargetKind.BUNDLE,
+                    source.alias,
+                    port,
+                )
+            )
+
+    loopback_port = sentinels.loopback.port
+    targets.append(
+        Target(LOOPBACK_SENTINEL_KEY, TargetKind.SENTINEL, "127.0.0.1", loopback_port)
     )
-    port = sentinels.everywhere.port
+    targets.append(
+        Target(
+            "sentinel:127.0.0.1/udp",
+            TargetKind.SENTINEL,
+            "127.0.0.1",
+            sentinels.loopback_udp.port,
+            proto="udp",
+        )
+    )
+    if sentinels.loopback6 is not None:
+        targets.append(
+            Target(
+                "sentinel:[::1]", TargetKind.SENTINEL, "::1", sentinels.loopback6.port
+            )
+        )
+    targets.append(
+        Target(
+            "sentinel:[::ffff:127.0.0.1]",
+            TargetKind.SENTINEL,
+            "::ffff:127.0.0.1",
+            loopback_port,
+        )
+    )
+
+    everywhere_port = sentinels.everywhere.port
+    taken = {bottle.alias for bottle in bottles}
+    for alias in plan.pool_aliases:
+        if alias != source.alias and alias not in taken:
+            targets.append(
+                Target(f"alias:{alias}", TargetKind.SENTINEL, alias, everywhere_port)
+            )
     for label, address in backend.host_side_addresses(source).items():
-        targets.append(Target(f"gateway:{label}", TargetKind.SENTINEL, address, port))
+        targets.append(
+            Target(f"gateway:{label}", TargetKind.SENTINEL, address, everywhere_port)
+        )
     for key, address in host_addresses().items():
+        if key.startswith("host6:"):
+            if sentinels.everywhere6 is None:
+                continue
+            port = sentinels.everywhere6.port
+        else:
+            port = everywhere_port
         targets.append(Target(key, TargetKind.SENTINEL, address, port))
+
+    for outside in plan.outside:
+        targets.append(
+            Target(
+                outside.key,
+                TargetKind.EGRESS,
+                outside.host,
+                outside.port,
+                proto=outside.proto,
+            )
+        )
+    targets.append(
+        Target(
+            "loopback:self",
+            TargetKind.OWN_LOOPBACK,
+            backend.agent_loopback(source),
+            plan.collision_port,
+            proto="self",
+            must_reach=True,
+        )
+    )
     return targets
 
 
 def witnesses_for(
-    bottles: Sequence[Bottle],
-    sentinels: Sentinels,
-    targets: Sequence[Target],
-    egress_witness: NonceWitness | None,
+    bottles: Sequence[Bottle], targets: Sequence[Target], plan: Plan
 ) -> dict[str, NonceWitness]:
-    """The far-side evidence for each column."""
+    """The far-side evidence for each column that has a listener here."""
+    sentinels = plan.sentinels
     witnesses: dict[str, NonceWitness] = {}
     for bottle in bottles:
         witness = next(iter(bottle.bundle_witnesses.values()), None)
         if witness is not None:
-            witnesses[f"bundle:{bottle.name}"] = witness
+            witnesses[bundle_key(bottle.name)] = witness
+            witnesses[f"via-own-alias:{bottle.name}"] = witness
     witnesses[LOOPBACK_SENTINEL_KEY] = sentinels.loopback
+    witnesses["sentinel:[::ffff:127.0.0.1]"] = sentinels.loopback
+    witnesses["sentinel:127.0.0.1/udp"] = sentinels.loopback_udp
+    if sentinels.loopback6 is not None:
+        witnesses["sentinel:[::1]"] = sentinels.loopback6
     for target in targets:
-        if target.key.startswith(("gateway:", "host:")):
+        if target.key.startswith(("alias:", "gateway:", "host:")):
             witnesses[target.key] = sentinels.everywhere
-    if egress_witness is not None:
-        witnesses["egress"] = egress_witness
+        elif target.key.startswith("host6:") and sentinels.everywhere6 is not None:
+            witnesses[target.key] = sentinels.everywhere6
+    if plan.outside_witness is not None:
+        for outside in plan.outside:
+            witnesses[outside.key] = plan.outside_witness
     return witnesses
 
 
 def probe_all(
     backend: Backend,
     bottles: Sequence[Bottle],
-    sentinels: Sentinels,
-    egress: tuple[str, int] | None,
-    egress_witness: NonceWitness | None = None,
+    plan: Plan,
     *,
     timeout: float = DEFAULT_PROBE_TIMEOUT_SECONDS,
 ) -> Matrix:
     """Probe every target from every bottle at once and judge the cells."""
     matrix = Matrix(backend.name)
     plans = {
-        bottle.bottle_id: targets_for(bottle, bottles, backend, sentinels, egress)
+        bottle.bottle_id: targets_for(bottle, bottles, backend, plan)
         for bottle in bottles
     }
     with concurrent.futures.ThreadPoolExecutor(max_workers=16) as executor:
@@ -147,8 +342,6 @@ def probe_all(
         results = {bottle_id: future.result() for bottle_id, future in futures.items()}
     for bottle in bottles:
         targets = plans[bottle.bottle_id]
-        witnesses: Mapping[str, NonceWitness] = witnesses_for(
-            bottles, sentinels, targets, egress_witness
-        )
+        witnesses: Mapping[str, NonceWitness] = witnesses_for(bottles, targets, plan)
         matrix.add(judge(bottle.name, results[bottle.bottle_id], witnesses))
     return matrix

@@ -18,12 +18,12 @@ import filelock
 import pytest
 
 from bottle.matrix import Cell, Matrix
-from bottle.suite import Sentinels, probe_all
+from bottle.suite import Plan, Sentinels, probe_all
 from pytest_bottle.plugin import (
     OPTIONS_KEY,
     BottleFactory,
     BottleOptions,
-    EgressTarget,
+    OutsideTargets,
     shared_run_label,
 )
 
@@ -84,7 +84,7 @@ class ConformanceRun:
 def run_the_matrix(
     factory: BottleFactory,
     sentinels: Sentinels,
-    egress: EgressTarget,
+    outside: OutsideTargets,
     options: BottleOptions,
     names: list[str],
 ) -> ConformanceRun:
@@ -92,14 +92,13 @@ def run_the_matrix(
     backend = factory.backend
     bottles = factory.start_many([factory.spec(name) for name in names])
     try:
-        matrix = probe_all(
-            backend,
-            bottles,
+        plan = Plan(
             sentinels,
-            (egress.host, egress.port),
-            egress.witness,
-            timeout=options.probe_timeout,
+            outside.targets,
+            outside.witness,
+            pool_aliases=[str(a) for a in factory.launcher.pool.range.addresses()],
         )
+        matrix = probe_all(backend, bottles, plan, timeout=options.probe_timeout)
         version = backend.version()
         records = {
             bottle.name: {
@@ -123,7 +122,7 @@ def run_the_matrix(
 def conformance_run(
     bottle_factory: BottleFactory,
     bottle_sentinels: Sentinels,
-    bottle_egress: EgressTarget,
+    bottle_outside: OutsideTargets,
     bottle_options: BottleOptions,
     request: pytest.FixtureRequest,
 ) -> ConformanceRun:
@@ -131,7 +130,7 @@ def conformance_run(
     names = bottle_names(request.config)
     if not hasattr(request.config, "workerinput"):
         return run_the_matrix(
-            bottle_factory, bottle_sentinels, bottle_egress, bottle_options, names
+            bottle_factory, bottle_sentinels, bottle_outside, bottle_options, names
         )
 
     runs = Path(bottle_factory.launcher.pool.state_dir) / "runs"
@@ -141,7 +140,7 @@ def conformance_run(
         if shared.exists():
             return ConformanceRun.from_json(json.loads(shared.read_text("utf-8")))
         result = run_the_matrix(
-            bottle_factory, bottle_sentinels, bottle_egress, bottle_options, names
+            bottle_factory, bottle_sentinels, bottle_outside, bottle_options, names
         )
         shared.write_text(json.dumps(result.to_json()), encoding="utf-8")
         return result

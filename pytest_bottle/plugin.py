@@ -36,7 +36,17 @@ from bottle.standin import (
     start_standin,
     stop_standin,
 )
-from bottle.suite import DEFAULT_EGRESS_TARGET, Sentinels, parse_host_port
+from bottle.suite import (
+    DEFAULT_EGRESS_TARGET,
+    DEFAULT_METADATA_TARGET,
+    DEFAULT_PUBLIC_TARGET,
+    STANDIN_DEFAULTS,
+    OutsideTarget,
+    Sentinels,
+    outside_targets,
+    parse_host_port,
+    resolver_of_this_host,
+)
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +76,27 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     add(
         "--bottle-egress-target",
         "bottle_egress_target",
-        f"HOST:PORT every bottle must not reach (default: {DEFAULT_EGRESS_TARGET})",
+        f"HOST:PORT every bottle must not reach over TCP and UDP (default: "
+        f"{DEFAULT_EGRESS_TARGET})",
+        metavar="HOST:PORT",
+    )
+    add(
+        "--bottle-dns-target",
+        "bottle_dns_target",
+        "Resolver HOST:PORT a bottle must not get a nonce-bearing query to "
+        "(default: this host's first nameserver)",
+        metavar="HOST:PORT",
+    )
+    add(
+        "--bottle-metadata-target",
+        "bottle_metadata_target",
+        f"Cloud metadata HOST:PORT (default: {DEFAULT_METADATA_TARGET})",
+        metavar="HOST:PORT",
+    )
+    add(
+        "--bottle-public-target",
+        "bottle_public_target",
+        f"A second public HOST:PORT (default: {DEFAULT_PUBLIC_TARGET})",
         metavar="HOST:PORT",
     )
     add(
@@ -94,8 +124,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     add(
         "--bottle-egress-standin",
         "bottle_egress_standin",
-        "Own the egress target in a stand-in namespace of this run, so that "
-        "no probe can leave the machine (needs root and a test address)",
+        "Own every outside target (egress, DNS, metadata, public) in a "
+        "stand-in namespace of this run, so that no probe can leave the "
+        "machine; unset targets default to test addresses (needs root)",
         action="store_true",
         default=None,
         ini_type="bool",
@@ -128,6 +159,9 @@ class BottleOptions:
 
     backend: str
     egress: tuple[str, int]
+    dns: tuple[str, int]
+    metadata: tuple[str, int]
+    public: tuple[str, int]
     pool: str | None
     allowlist: tuple[str, ...]
     backend_options: dict[str, str]
@@ -149,9 +183,25 @@ class BottleOptions:
                 f"--bottle-backend={backend}: unknown backend; "
                 f"available: {', '.join(known)}"
             )
-        egress_text = get("bottle_egress_target") or DEFAULT_EGRESS_TARGET
+        standin = bool(get("bottle_egress_standin"))
+        defaults = (
+            dict(STANDIN_DEFAULTS)
+            if standin
+            else {
+                "egress": DEFAULT_EGRESS_TARGET,
+                "dns": resolver_of_this_host(),
+                "metadata": DEFAULT_METADATA_TARGET,
+                "public": DEFAULT_PUBLIC_TARGET,
+            }
+        )
         try:
-            egress = parse_host_port(egress_text)
+            outside = {
+                key: parse_host_port(
+                    get(f"bottle_{key}_target") or defaults[key],
+                    what=f"--bottle-{key}-target",
+                )
+                for key in defaults
+            }
             pool = get("bottle_pool") or None
             pool_from_environment(pool)
             allowlist = tuple(
@@ -185,11 +235,14 @@ class BottleOptions:
             )
         return cls(
             backend=backend,
-            egress=egress,
+            egress=outside["egress"],
+            dns=outside["dns"],
+            metadata=outside["metadata"],
+            public=outside["public"],
             pool=pool,
             allowlist=allowlist,
             backend_options=backend_options,
-            egress_standin=bool(get("bottle_egress_standin")),
+            egress_standin=standin,
             probe_timeout=probe_timeout,
             bottle_count=bottle_count,
             pool_wait=pool_wait,
@@ -422,40 +475,48 @@ def bottle_sentinel(bottle_sentinels: Sentinels) -> Listener:
 
 
 @dataclasses.dataclass(frozen=True)
-class EgressTarget:
-    """The outside address bottles must not reach, and who can witness it."""
+class OutsideTargets:
+    """The outside addresses bottles must not reach, and who can witness them."""
 
-    host: str
-    port: int
+    targets: list[OutsideTarget]
     witness: FileWitness | None
+
+    def addresses(self) -> list[tuple[str, int]]:
+        return [(target.host, target.port) for target in self.targets]
+
+
+def _outside_of(options: BottleOptions) -> list[OutsideTarget]:
+    return outside_targets(
+        options.egress, options.dns, options.metadata, options.public
+    )
 
 
 @pytest.fixture(scope="session")
-def bottle_egress(
+def bottle_outside(
     bottle_options: BottleOptions, bottle_factory: BottleFactory
-) -> Iterator[EgressTarget]:
-    """The egress target, owned by a stand-in namespace when asked for.
+) -> Iterator[OutsideTargets]:
+    """Egress (TCP, UDP), DNS, metadata and public targets, stand-ins if asked.
 
     Under pytest-xdist the controller makes the stand-in and the workers read
     its nonce log, so there is one stand-in per run.
     """
-    host, port = bottle_options.egress
+    targets = _outside_of(bottle_options)
     shared = os.environ.get(_STANDIN_ENV)
     if shared:
-        yield EgressTarget(host, port, FileWitness(Path(shared)))
+        yield OutsideTargets(targets, FileWitness(Path(shared)))
         return
     if not bottle_options.egress_standin:
-        yield EgressTarget(host, port, None)
+        yield OutsideTargets(targets, None)
         return
+    outside = OutsideTargets(targets, None)
     standin = start_standin(
-        host,
-        port,
+        outside.addresses(),
         bottle_factory.hub,
         bottle_factory.launcher.pool,
         bottle_factory.launcher.run,
     )
     try:
-        yield EgressTarget(host, port, standin.witness)
+        yield OutsideTargets(targets, standin.witness)
     finally:
         stop_standin(standin, bottle_factory.hub)
 
@@ -476,7 +537,8 @@ def pytest_xdist_setupnodes(config: pytest.Config, specs: list[Any]) -> None:
     reap_standins(pool, registry)
     run = config.stash[_RUN_KEY]
     registry.register(run, Owner.current())
-    standin = start_standin(*options.egress, hub, pool, run)
+    addresses = [(target.host, target.port) for target in _outside_of(options)]
+    standin = start_standin(addresses, hub, pool, run)
     config.stash[_CONTROLLER_STANDIN] = (standin, hub)
     os.environ[_STANDIN_ENV] = str(standin.log_path)
 
@@ -564,8 +626,8 @@ def _write_line(config: pytest.Config, line: str) -> None:
 __all__ = [
     "BottleFactory",
     "BottleOptions",
-    "EgressTarget",
     "MatrixCollector",
+    "OutsideTargets",
     "record_cell",
     "record_facts",
     "shared_run_label",

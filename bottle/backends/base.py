@@ -153,6 +153,13 @@ class Backend(Protocol):
         """
         ...
 
+    def agent_loopback(self, bottle: Bottle) -> str:
+        """The loopback address the agent has to itself inside the bottle.
+
+        Two agents listening on one port there must each reach their own.
+        """
+        ...
+
     def attach(self, lease: Lease) -> Bottle:
         """Rebuild a bottle handle from its lease (another process's bottle)."""
         ...

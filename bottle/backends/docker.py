@@ -414,6 +414,9 @@ class DockerBackend:
             addresses["bundle-network-gateway"] = str(gateways["pub"])
         return addresses
 
+    def agent_loopback(self, bottle: Bottle) -> str:
+        return "127.0.0.1"  # a container has a loopback of its own
+
     def attach(self, lease: Lease) -> Bottle:
         handle = dict(lease.handle)
         ports = {str(k): int(v) for k, v in handle.get("bundle_ports", {}).items()}
