@@ -50,7 +50,9 @@ needs_root_netns = pytest.mark.skipif(
     reason="needs root and nftables (`nft`): the fake's guests are namespaces",
 )
 
-#: What an unrestricted machine (``allowed_cidrs: null``) fails.
+#: What an unrestricted machine (``allowed_cidrs: null``) fails, at least: the
+#: clauses the seed's bug breaks.  Newer probes of the same clauses (UDP,
+#: IPv6-mapped loopback, other aliases, more outside addresses) fail too.
 LEAKS_WITHOUT_THE_PATCH = {
     "test_cannot_reach_other_bundle[a-b]",
     "test_cannot_reach_other_bundle[b-a]",
@@ -62,6 +64,15 @@ LEAKS_WITHOUT_THE_PATCH = {
     "test_cannot_reach_host_addresses[b]",
     "test_effective_allowlist_is_own_alias[a]",
     "test_effective_allowlist_is_own_alias[b]",
+}
+
+#: Tests an unrestricted machine must still pass: the positive controls and
+#: what stays inside the guest or is told apart by port.
+HOLDS_WITHOUT_THE_PATCH = {
+    "test_reaches_own_bundle[a]",
+    "test_reaches_own_bundle[b]",
+    "test_own_loopback_stays_own[a]",
+    "test_own_loopback_stays_own[b]",
 }
 
 
@@ -152,7 +163,10 @@ def test_with_the_patch_every_cell_holds(
 ) -> None:
     result = run_suite(pytester, monkeypatch, version)
 
-    result.assert_outcomes(passed=12)
+    assert result.ret == pytest.ExitCode.OK
+    outcomes = outcomes_of(pytester)
+    assert outcomes, "no conformance test ran"
+    assert set(outcomes.values()) == {"passed"}, outcomes
     result.stdout.fnmatch_lines(
         [
             "*bottle isolation matrix (smolmachines)*",
@@ -181,11 +195,14 @@ def test_0_8_0_without_the_patch_leaks_loopback_and_egress(
     assert result.ret == pytest.ExitCode.TESTS_FAILED
     outcomes = outcomes_of(pytester)
     failed = {name for name, outcome in outcomes.items() if outcome == "failure"}
-    assert failed == LEAKS_WITHOUT_THE_PATCH
-    assert {name for name, o in outcomes.items() if o == "passed"} == {
-        "test_reaches_own_bundle[a]",
-        "test_reaches_own_bundle[b]",
-    }
+    passed = {name for name, outcome in outcomes.items() if outcome == "passed"}
+    assert failed | passed == set(outcomes), outcomes
+    assert failed >= LEAKS_WITHOUT_THE_PATCH
+    assert passed >= HOLDS_WITHOUT_THE_PATCH
+    assert all(
+        name.startswith(("test_cannot_reach_", "test_effective_allowlist_"))
+        for name in failed
+    ), failed
     for source in ("a", "b"):
         result.stdout.fnmatch_lines(
             [

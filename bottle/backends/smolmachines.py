@@ -276,6 +276,12 @@ class SmolmachinesBackend:
         # gateway between them, so no host-side address to probe.
         return {}
 
+    def agent_loopback(self, bottle: Bottle) -> str:
+        # Under TSI a guest connect to 127.0.0.1 that nothing in the guest
+        # answers goes to the host, and the stand-in's guests hand all of
+        # 127.0.0.0/8 to the host; IPv6 loopback stays the guest's own in both.
+        return "::1"
+
     def attach(self, lease: Lease) -> Bottle:
         from bottle.spec import AgentSpec
 
