@@ -17,24 +17,26 @@ from conformance.conftest import ConformanceRun
 from pytest_bottle.plugin import record_cell, record_facts
 
 
-def check(cell: Cell, request: pytest.FixtureRequest) -> None:
-    record_cell(request.node, cell)
-    assert cell.passed, (
+def describe(cell: Cell) -> str:
+    return (
         f"{cell.source} -> {cell.column} ({cell.target.address}): expected "
         f"{cell.expected}, got {cell.actual}: {cell.reason}"
     )
 
 
+def check(cell: Cell, request: pytest.FixtureRequest) -> None:
+    check_all([cell], request)
+
+
 def check_all(cells: list[Cell], request: pytest.FixtureRequest) -> None:
-    assert cells, "no cell of this kind was probed"
+    """Record every cell for the matrix; fail with one line per bad cell."""
+    if not cells:
+        pytest.fail("no cell of this kind was probed", pytrace=False)
     for cell in cells:
         record_cell(request.node, cell)
-    failed = [cell for cell in cells if not cell.passed]
-    assert not failed, "; ".join(
-        f"{c.column} ({c.target.address}): expected {c.expected}, got {c.actual}: "
-        f"{c.reason}"
-        for c in failed
-    )
+    failed = [describe(cell) for cell in cells if not cell.passed]
+    if failed:
+        pytest.fail("\n".join(failed), pytrace=False)
 
 
 def test_reaches_own_bundle(

@@ -133,7 +133,7 @@ def test_rules_are_on_the_host_side_even_if_the_namespace_routes_everything(
     """An agent that got CAP_NET_ADMIN could route anything out of its
     namespace; the host side must still stop it."""
     standin = start_standin(
-        "198.51.100.53", 53, launcher.hub, launcher.pool, launcher.run
+        [("198.51.100.53", 53)], launcher.hub, launcher.pool, launcher.run
     )
     try:
         bottle = launcher.start(BottleSpec("one"))
@@ -194,7 +194,7 @@ def test_standin_owns_its_address_and_logs_what_reaches_it(
 ) -> None:
     """The egress stand-in answers from its namespace, reached by a /32 route."""
     standin = start_standin(
-        "198.51.100.53", 53, launcher.hub, launcher.pool, launcher.run
+        [("198.51.100.53", 53)], launcher.hub, launcher.pool, launcher.run
     )
     try:
         with socket.create_connection(("198.51.100.53", 53), timeout=2) as sock:

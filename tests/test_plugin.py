@@ -98,7 +98,7 @@ def test_every_fixture_has_a_docstring(pytester: pytest.Pytester) -> None:
         "bottle",
         "bottle_sentinel",
         "bottle_sentinels",
-        "bottle_egress",
+        "bottle_outside",
         "bottle_pool",
         "bottle_options",
     ):
@@ -114,7 +114,7 @@ def test_suite_passes_on_netns_and_prints_the_matrix(
     pytester: pytest.Pytester,
 ) -> None:
     result = pytester.runpytest_subprocess(*SUITE_ARGS)
-    result.assert_outcomes(passed=12)
+    result.assert_outcomes(passed=24)
     result.stdout.fnmatch_lines(
         [
             "*bottle isolation matrix (netns)*",

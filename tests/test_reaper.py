@@ -154,13 +154,18 @@ def test_reap_removes_what_a_killed_run_left(host: Host) -> None:
     ids=["netns-and-table", "netns-only", "table-only"],
 )
 def test_reap_removes_leftovers_of_a_dead_run_that_have_no_lease(
-    host: Host, kinds: tuple[str, ...], dead_owner: Owner
+    host: Host,
+    kinds: tuple[str, ...],
+    dead_owner: Owner,
+    request: pytest.FixtureRequest,
 ) -> None:
     """The lease may live in a lost state directory; the run registry, which is
     host-wide, says its owner is dead."""
     bottle_id = "deadbe-x"
     host.ids.add(bottle_id)
-    RunRegistry().register("deadbe", dead_owner)
+    registry = RunRegistry()
+    registry.register("deadbe", dead_owner)
+    request.addfinalizer(lambda: registry.unregister("deadbe"))
     if "netns" in kinds:
         subprocess.run(["ip", "netns", "add", netns_name(bottle_id)], check=True)
     if "table" in kinds:
@@ -181,6 +186,7 @@ def test_reap_leaves_leftovers_of_runs_it_cannot_account_for(host: Host) -> None
     """No lease here and no run record: another lease store may own it."""
     bottle_id = "0ther5-x"
     host.ids.add(bottle_id)
+    RunRegistry().unregister("0ther5")
     subprocess.run(["ip", "netns", "add", netns_name(bottle_id)], check=True)
 
     removed = reap(host.backend, host.pool)

@@ -431,8 +431,11 @@ def test_an_agent_from_nothing_is_a_usage_error_on_a_real_smolvm(
 
 @needs_root_netns
 def test_the_reaper_removes_machines_of_dead_runs(
-    launcher: Launcher, packed: Path
+    launcher: Launcher, packed: Path, request: pytest.FixtureRequest
 ) -> None:
+    registry = RunRegistry()
+    registry.unregister("dead00")
+    request.addfinalizer(lambda: registry.unregister("dead00"))
     smolvm = Smolvm(FAKE)
     smolvm.create(machine_name("dead00-a"), source=str(packed))
     smolvm.start(machine_name("dead00-a"))
@@ -442,7 +445,7 @@ def test_the_reaper_removes_machines_of_dead_runs(
     exited = subprocess.Popen([sys.executable, "-c", "pass"])
     dead_owner = Owner.of_pid(exited.pid)
     exited.wait()
-    RunRegistry().register("dead00", dead_owner)
+    registry.register("dead00", dead_owner)
 
     assert reap(launcher.backend, launcher.pool) == ["dead00-a"]
     assert launcher.backend.leftovers() == set()

@@ -18,6 +18,7 @@ The bundle's echo services are host listeners bound on the bottle's alias.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import ipaddress
 import json
@@ -37,6 +38,7 @@ from typing import Any, ClassVar
 
 import psutil
 
+from bottle import forwarding
 from bottle.backends.base import (
     BackendConfig,
     Bottle,
@@ -57,6 +59,9 @@ TABLE_PREFIX = "bottle_"
 HOST_VETH_PREFIX = "bbh"
 INNER_VETH = "bb0"
 DEFAULT_TRANSFER_NET = "198.18.0.0/15"
+#: Host veths of the outside stand-in (:mod:`bottle.standin`), the only place
+#: a bottle's traffic is ever forwarded to.
+STANDIN_VETH_PREFIX = "bsh"
 LOOPBACK_NET = ipaddress.IPv4Network("127.0.0.0/8")
 PROBER_PATH = Path(__file__).resolve().parent.parent / "prober.py"
 
@@ -66,7 +71,59 @@ OPTIONS = {
         f"{DEFAULT_TRANSFER_NET}); pick one this host does not use"
     ),
     "python": "Python the in-bottle prober runs with (default: this one)",
+    # The options below weaken isolation on purpose.  They exist for the
+    # negative controls, which prove that each probe can see its leak.
+    "bundle_bind": "alias (default) | all: NEGATIVE CONTROL, bundles listen on "
+    "every address",
+    "udp": "filtered (default) | open: NEGATIVE CONTROL, any UDP is let in",
+    "ipv6": "filtered (default) | open: NEGATIVE CONTROL, the bottle gets an "
+    "IPv6 route to the host and IPv6 is let in",
+    "alias_override": "NEGATIVE CONTROL: every bottle uses this alias instead "
+    "of its own lease (bottles sharing one alias)",
 }
+
+#: ULA prefix of the IPv6 veth addresses, used only with ``ipv6=open``.
+_LEAKY_IPV6_PREFIX = "fd62:6f74:746c"
+
+
+@dataclasses.dataclass(frozen=True)
+class Leaks:
+    """The deliberate weaknesses of a negative-control bottle (none by default)."""
+
+    bundle_on_all_addresses: bool = False
+    udp_open: bool = False
+    ipv6_open: bool = False
+    alias_override: str | None = None
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, str]) -> Leaks:
+        def choice(key: str, safe: str, leaky: str) -> bool:
+            value = options.get(key, safe)
+            if value not in (safe, leaky):
+                raise BottleUsageError(
+                    f"backend option {key}={value!r}", f"use {safe} or {leaky}"
+                )
+            return value == leaky
+
+        override = options.get("alias_override")
+        if override is not None:
+            try:
+                if ipaddress.IPv4Address(override) not in LOOPBACK_NET:
+                    raise ValueError(override)
+            except ValueError:
+                raise BottleUsageError(
+                    f"backend option alias_override={override!r}",
+                    "use a loopback address such as 127.0.0.16",
+                ) from None
+        leaks = cls(
+            bundle_on_all_addresses=choice("bundle_bind", "alias", "all"),
+            udp_open=choice("udp", "filtered", "open"),
+            ipv6_open=choice("ipv6", "filtered", "open"),
+            alias_override=override,
+        )
+        if leaks != cls():
+            log.warning("netns bottles are deliberately leaky: %s", leaks)
+        return leaks
 
 
 def netns_name(bottle_id: str) -> str:
@@ -101,6 +158,7 @@ class NetnsBackend:
                 "not an IPv4 network; e.g. 198.18.0.0/15",
             ) from None
         self.python = config.options.get("python", sys.executable)
+        self.leaks = Leaks.from_options(config.options)
 
     # -- what the host needs -------------------------------------------------
 
@@ -146,7 +204,8 @@ class NetnsBackend:
 
     def start(self, spec: BottleSpec, lease: Lease, hub: ListenerHub) -> Bottle:
         bottle_id = lease.bottle_id
-        allowlist = spec.effective_allowlist(lease.alias)
+        alias = self.leaks.alias_override or lease.alias
+        allowlist = spec.effective_allowlist(alias)
         host_address, inner_address = self._transfer_addresses(lease.alias)
         handle: dict[str, Any] = {
             "netns": netns_name(bottle_id),
@@ -159,7 +218,7 @@ class NetnsBackend:
         bottle = Bottle(
             spec=spec,
             bottle_id=bottle_id,
-            alias=lease.alias,
+            alias=alias,
             allowlist=allowlist,
             backend=self.name,
             bundle_ports={},
@@ -169,6 +228,9 @@ class NetnsBackend:
             _agent_ids(spec.agent.user)
             self._load_rules(bottle_id, handle["veth"], allowlist)
             self._make_namespace(bottle_id, host_address, inner_address, allowlist)
+            if self.leaks.ipv6_open:
+                self._open_ipv6(bottle_id, lease.alias)
+            self._forward_to_own_addresses(bottle_id, handle["veth"], allowlist)
             self._start_bundle(bottle, hub)
         except BaseException as exc:
             log.debug("start of %s failed, removing what it made", bottle_id)
@@ -188,6 +250,7 @@ class NetnsBackend:
         self.remove(bottle.bottle_id, bottle.handle)
 
     def remove(self, bottle_id: str, handle: Mapping[str, Any]) -> None:
+        forwarding.close(bottle_id)
         for pid, started in handle.get("service_pids", []):
             # A recorded pid may have been reused since; only the very process
             # that was started (same start time) is stopped.
@@ -335,21 +398,26 @@ class NetnsBackend:
         elements4 = f"elements = {{ {', '.join(v4)} }}" if v4 else ""
         elements6 = f"elements = {{ {', '.join(v6)} }}" if v6 else ""
         table = table_name(bottle_id)
+        leaks = ""
+        if self.leaks.udp_open:
+            leaks += f'iifname "{veth}" meta l4proto udp accept\n'
+        if self.leaks.ipv6_open:
+            leaks += f'iifname "{veth}" meta nfproto ipv6 accept\n'
         ruleset = f"""
 table inet {table} {{
-    set allow4 {{ type ipv4_addr; flags interval; {elements4} }}
-    set allow6 {{ type ipv6_addr; flags interval; {elements6} }}
+    set allow4 {{ type ipv4_addr; flags interval; auto-merge; {elements4} }}
+    set allow6 {{ type ipv6_addr; flags interval; auto-merge; {elements6} }}
     chain input {{
         type filter hook input priority filter - 10; policy accept;
         iifname "{veth}" ct state established,related accept
         iifname "{veth}" ip daddr @allow4 accept
         iifname "{veth}" ip6 daddr @allow6 accept
+        {leaks}
         iifname "{veth}" reject with icmpx type admin-prohibited
     }}
     chain forward {{
         type filter hook forward priority filter - 10; policy accept;
-        iifname "{veth}" ip daddr @allow4 accept
-        iifname "{veth}" ip6 daddr @allow6 accept
+        iifname "{veth}" oifname "{STANDIN_VETH_PREFIX}*" ip daddr @allow4 accept
         iifname "{veth}" reject with icmpx type admin-prohibited
         oifname "{veth}" ct state established,related accept
         oifname "{veth}" reject with icmpx type admin-prohibited
@@ -399,11 +467,40 @@ table inet {table} {{
             before=lambda: _namespace_sysctls(namespace),
         )
 
+    def _forward_to_own_addresses(
+        self, bottle_id: str, veth: str, allowlist: list[str]
+    ) -> None:
+        # An allowlisted address that lives behind one of the project's own
+        # veths (the outside stand-in) must really be reached, as under TSI.
+        # Anything else beyond loopback is routed to the host and rejected
+        # there: a bottle is never forwarded towards an uplink.
+        behind_our_veths = [
+            cidr
+            for cidr in allowlist
+            if not ipaddress.ip_network(cidr).is_loopback
+            and forwarding.own_route_device(cidr) is not None
+        ]
+        if behind_our_veths:
+            forwarding.open_path(bottle_id, veth, behind_our_veths)
+
+    def _open_ipv6(self, bottle_id: str, leased_alias: str) -> None:
+        offset = int(ipaddress.IPv4Address(leased_alias)) & 0xFFFF
+        prefix = f"{_LEAKY_IPV6_PREFIX}:{offset:x}"
+        _run_with_input(
+            ["ip", "-batch", "-"],
+            f"addr add {prefix}::1/64 dev {host_veth_name(bottle_id)} nodad\n",
+        )
+        _run_with_input(
+            ["ip", "-n", netns_name(bottle_id), "-batch", "-"],
+            f"addr add {prefix}::2/64 dev {INNER_VETH} nodad\n"
+            f"route add ::/0 via {prefix}::1 dev {INNER_VETH}\n",
+        )
+
     def _start_bundle(self, bottle: Bottle, hub: ListenerHub) -> None:
         for service in bottle.spec.bundle:
             if service.is_echo:
                 listener = hub.listen(
-                    bottle.alias,
+                    "0.0.0.0" if self.leaks.bundle_on_all_addresses else bottle.alias,
                     service.port,
                     label=f"bundle {bottle.name}/{service.name}",
                 )
