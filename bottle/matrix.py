@@ -251,31 +251,43 @@ def render_text(matrix: Matrix, width: int = 80) -> list[str]:
     """The matrix as terminal lines: ``expected/actual`` per cell.
 
     A cell is ``conn`` or ``blk`` (expected) then the actual class; a
-    mismatch ends in ``!!``.  When the full table is wider than ``width`` it
-    falls back to one character per cell with a legend.
+    mismatch ends in ``!``.  Rows are bottles and columns targets, with the
+    column names numbered below when that fits ``width``; a matrix with many
+    targets and few bottles is turned on its side (one line per target);
+    when neither fits, each cell becomes one character, with a legend.
     """
     rows, columns = matrix.rows, matrix.columns
     if not rows:
         return ["(no cells)"]
-    table = [["", *columns]]
-    for row in rows:
-        line = [row]
-        for column in columns:
-            cell = matrix.cell(row, column)
-            line.append("-" if cell is None else _cell_text(cell))
-        table.append(line)
+
+    def text(row: str, column: str) -> str:
+        cell = matrix.cell(row, column)
+        return "" if cell is None else _cell_text(cell)
+
     legend = (
         "cells: expected/actual; conn = must connect, blk = must be blocked, "
         "! = mismatch"
     )
-    full = _align(table)
+    body = [[row, *(text(row, column) for column in columns)] for row in rows]
+    full = _align([["", *columns], *body])
     if max(len(line) for line in full) <= width:
         return [*full, legend]
-    numbered = [["", *[str(i) for i in range(len(columns))]], *table[1:]]
-    narrow = _align(numbered)
-    if max(len(line) for line in narrow) <= width:
+    numbered = _align([["", *[str(i) for i in range(len(columns))]], *body])
+    if max(len(line) for line in numbered) <= width:
         key = "columns: " + ", ".join(f"{i}={c}" for i, c in enumerate(columns))
-        return [*narrow, *textwrap.wrap(key, width, break_on_hyphens=False), legend]
+        return [
+            *numbered,
+            *textwrap.wrap(key, width, break_on_hyphens=False),
+            legend,
+        ]
+    sideways = _align(
+        [
+            ["target", *rows],
+            *([column, *(text(r, column) for r in rows)] for column in columns),
+        ]
+    )
+    if max(len(line) for line in sideways) <= width:
+        return [*sideways, legend]
     return _render_compact(rows, columns, matrix, width)
 
 

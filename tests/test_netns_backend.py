@@ -48,9 +48,11 @@ def names_on_host() -> str:
     return namespaces + tables
 
 
-def probe_one(launcher: Launcher, bottle_name: str, host: str, port: int) -> Outcome:
+def probe_one(
+    launcher: Launcher, bottle_name: str, host: str, port: int, proto: str = "tcp"
+) -> Outcome:
     bottle = next(b for b in launcher.bottles.values() if b.name == bottle_name)
-    target = Target("t", TargetKind.SENTINEL, host, port)
+    target = Target("t", TargetKind.SENTINEL, host, port, proto=proto)
     (result,) = run_probes(launcher.backend, bottle, [target], timeout=1.0)
     return result.outcome
 
@@ -72,10 +74,17 @@ def test_blocked_loopback_is_rejected_at_once_not_dropped(launcher: Launcher) ->
     sentinel = hub.listen("127.0.0.1", 0, label="sentinel")
     launcher.start(BottleSpec("one"))
 
-    outcome = probe_one(launcher, "one", "127.0.0.1", sentinel.port)
+    udp_sentinel = hub.listen("127.0.0.1", 0, proto="udp", label="sentinel")
+    launcher.start(BottleSpec("two"))
 
-    assert outcome is Outcome.UNREACHABLE
+    # A listener is there, so a reset can only come from the host's rules.
+    assert probe_one(launcher, "one", "127.0.0.1", sentinel.port) is Outcome.REFUSED
+    assert (
+        probe_one(launcher, "two", "127.0.0.1", udp_sentinel.port, "udp")
+        is Outcome.UNREACHABLE
+    )
     assert sentinel.touches == []
+    assert udp_sentinel.touches == []
 
 
 def test_allowlist_is_a_parameter_reproducing_the_v1_widening(

@@ -2,14 +2,18 @@
 
 Each bottle gets a network namespace whose only way out is a veth pair to the
 host.  Inside, the namespace gives up its own ``127.0.0.0/8`` and routes all
-of it, and everything else, through the veth; ``route_localnet`` on both ends
-lets loopback addresses cross it.  On the host an nftables table of the
-bottle's own accepts only destinations in the bottle's allowlist from that
-veth (every port, as smolvm's TSI does) and rejects the rest at once with
-"administratively prohibited", so a blocked probe fails in milliseconds with
-EHOSTUNREACH.  The same table rejects anything the host would forward for the
-bottle.  Enforcement lives on the host because the agent could rewrite rules
-inside its own namespace; it runs there as an unprivileged user with every
+of it through the veth (``route_localnet`` on both ends lets loopback
+addresses cross), plus the other IPv4 networks of its allowlist; anything
+else fails at once with ENETUNREACH.  On the host an nftables table of the
+bottle's own accepts only destinations in the allowlist from that veth
+(every port, as smolvm's TSI does) and rejects the rest at once: TCP with a
+reset (ECONNREFUSED), the rest with "administratively prohibited"
+(EHOSTUNREACH).  TCP gets resets because the kernel rate-limits the ICMP
+errors a host sends, and a matrix of many probes would otherwise wait on
+timeouts.  The same table lets the host forward the bottle's packets only to
+the outside stand-in's veths (:mod:`bottle.standin`), never to an uplink.
+Enforcement lives on the host because the agent could rewrite rules inside
+its own namespace; it runs there as an unprivileged user with every
 capability dropped anyway.
 
 The bundle's echo services are host listeners bound on the bottle's alias.
@@ -413,11 +417,13 @@ table inet {table} {{
         iifname "{veth}" ip daddr @allow4 accept
         iifname "{veth}" ip6 daddr @allow6 accept
         {leaks}
+        iifname "{veth}" meta l4proto tcp reject with tcp reset
         iifname "{veth}" reject with icmpx type admin-prohibited
     }}
     chain forward {{
         type filter hook forward priority filter - 10; policy accept;
         iifname "{veth}" oifname "{STANDIN_VETH_PREFIX}*" ip daddr @allow4 accept
+        iifname "{veth}" meta l4proto tcp reject with tcp reset
         iifname "{veth}" reject with icmpx type admin-prohibited
         oifname "{veth}" ct state established,related accept
         oifname "{veth}" reject with icmpx type admin-prohibited
