@@ -36,11 +36,23 @@ from bottle import AliasPool, AliasRange, BottleSpec, Launcher
 from bottle.backends import Backend, BackendConfig, load_backend
 from bottle.listeners import ListenerHub
 from bottle.standin import start_standin, stop_standin
-from bottle.suite import Sentinels, probe_all
+from bottle.suite import (
+    STANDIN_DEFAULTS,
+    Plan,
+    Sentinels,
+    outside_targets,
+    parse_host_port,
+    probe_all,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 POOL = "127.0.0.16-127.0.0.31"
-STANDIN = ("198.51.100.53", 53)
+OUTSIDE = outside_targets(
+    *(
+        parse_host_port(STANDIN_DEFAULTS[key])
+        for key in ("egress", "dns", "metadata", "public")
+    )
+)
 COUNTS = (1, 4, 16)
 
 
@@ -178,14 +190,21 @@ def verdict_of_sixteen(backend: Backend, pool: AliasPool) -> tuple[float, float,
     """Start 16 bottles, probe the full matrix; returns start, verdict, cells."""
     hub = ListenerHub()
     launcher = Launcher(backend, pool, hub=hub)
-    standin = start_standin(*STANDIN, hub, pool, launcher.run)
+    addresses = [(target.host, target.port) for target in OUTSIDE]
+    standin = start_standin(addresses, hub, pool, launcher.run)
     sentinels = Sentinels.start(hub)
     try:
         started = time.perf_counter()
         bottles = launcher.start_many([BottleSpec(f"b{i}") for i in range(16)])
         up = time.perf_counter() - started
+        plan = Plan(
+            sentinels,
+            OUTSIDE,
+            standin.witness,
+            pool_aliases=[str(alias) for alias in pool.range.addresses()],
+        )
         started = time.perf_counter()
-        matrix = probe_all(backend, bottles, sentinels, STANDIN, standin.witness)
+        matrix = probe_all(backend, bottles, plan)
         verdict = time.perf_counter() - started
         if not matrix.passed:
             raise SystemExit(f"the 16-bottle matrix failed: {matrix.failures()[:3]}")
@@ -209,7 +228,6 @@ def pytest_run(backend: str, workers: int) -> tuple[float, float]:
         "no:cacheprovider",
         f"--bottle-backend={backend}",
         "--bottle-count=16",
-        f"--bottle-egress-target={STANDIN[0]}:{STANDIN[1]}",
         "--bottle-egress-standin",
     ]
     if workers > 1:

@@ -21,7 +21,7 @@ import pytest
 
 from bottle import BackendConfig, load_backend
 from bottle.backends import DEFAULT_BACKEND, Backend, Bottle, available_backends
-from bottle.errors import BackendUnavailable, BottleUsageError
+from bottle.errors import BackendUnavailable, BottleUsageError, LeaseStoreError
 from bottle.launcher import Launcher, new_run_label, reap
 from bottle.listeners import Listener, ListenerHub
 from bottle.matrix import Cell, Matrix, render_text
@@ -56,7 +56,15 @@ CELL_PROPERTY = "bottle_cell"
 #: A user property carrying one bottle's backend facts (versions, workarounds).
 FACTS_PROPERTY = "bottle_facts"
 _STANDIN_ENV = "BOTTLE_EGRESS_STANDIN"
-_FIXTURES = {"bottle_backend", "bottle_factory", "bottle", "bottle_sentinel"}
+_FIXTURES = {
+    "bottle_backend",
+    "bottle_factory",
+    "bottle",
+    "bottle_sentinel",
+    "bottle_sentinels",
+    "bottle_outside",
+    "bottle_pool",
+}
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -331,15 +339,21 @@ def pytest_report_header(config: pytest.Config) -> str:
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
-    """Fail at once, in one line, when the chosen backend cannot run here."""
+    """Fail at once, in one line, when the backend or lease store cannot serve.
+
+    A corrupt lease store is refused, never reset: live bottles may hold
+    aliases recorded in it.
+    """
     uses_bottles = any(
         _FIXTURES & set(getattr(item, "fixturenames", ())) for item in session.items
     )
     if not uses_bottles:
         return
+    options = session.config.stash[OPTIONS_KEY]
     try:
         _backend_for(session.config).check()
-    except (BackendUnavailable, BottleUsageError) as exc:
+        AliasPool(pool_from_environment(options.pool)).leases()
+    except (BackendUnavailable, BottleUsageError, LeaseStoreError) as exc:
         raise pytest.UsageError(str(exc)) from None
 
 

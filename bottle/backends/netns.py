@@ -218,6 +218,7 @@ class NetnsBackend:
             "inner_address": str(inner_address),
             "agent_user": spec.agent.user,
             "service_pids": [],
+            "forwarding": True,  # until known not to be needed
         }
         bottle = Bottle(
             spec=spec,
@@ -234,7 +235,9 @@ class NetnsBackend:
             self._make_namespace(bottle_id, host_address, inner_address, allowlist)
             if self.leaks.ipv6_open:
                 self._open_ipv6(bottle_id, lease.alias)
-            self._forward_to_own_addresses(bottle_id, handle["veth"], allowlist)
+            handle["forwarding"] = self._forward_to_own_addresses(
+                bottle_id, handle["veth"], allowlist
+            )
             self._start_bundle(bottle, hub)
         except BaseException as exc:
             log.debug("start of %s failed, removing what it made", bottle_id)
@@ -254,7 +257,10 @@ class NetnsBackend:
         self.remove(bottle.bottle_id, bottle.handle)
 
     def remove(self, bottle_id: str, handle: Mapping[str, Any]) -> None:
-        forwarding.close(bottle_id)
+        # Closing a forwarding path lists iptables rules, which is slow; only
+        # a bottle that opened one, or one known by its id alone, needs it.
+        if handle.get("forwarding", True):
+            forwarding.close(bottle_id)
         for pid, started in handle.get("service_pids", []):
             # A recorded pid may have been reused since; only the very process
             # that was started (same start time) is stopped.
@@ -475,7 +481,7 @@ table inet {table} {{
 
     def _forward_to_own_addresses(
         self, bottle_id: str, veth: str, allowlist: list[str]
-    ) -> None:
+    ) -> bool:
         # An allowlisted address that lives behind one of the project's own
         # veths (the outside stand-in) must really be reached, as under TSI.
         # Anything else beyond loopback is routed to the host and rejected
@@ -486,8 +492,9 @@ table inet {table} {{
             if not ipaddress.ip_network(cidr).is_loopback
             and forwarding.own_route_device(cidr) is not None
         ]
-        if behind_our_veths:
+        return bool(behind_our_veths) and bool(
             forwarding.open_path(bottle_id, veth, behind_our_veths)
+        )
 
     def _open_ipv6(self, bottle_id: str, leased_alias: str) -> None:
         offset = int(ipaddress.IPv4Address(leased_alias)) & 0xFFFF
