@@ -29,22 +29,22 @@ PROBES: tuple[ProbeKind, ...] = (
         "test_reaches_own_bundle",
         "the bottle's own bundle on its alias (the positive control: without "
         "it, no blocked cell means anything)",
-        "DESIGN: a bottle with no network at all proves nothing",
+        "a bottle with no network at all proves nothing",
     ),
     ProbeKind(
         "other-bundle",
         "bundle:<other>",
         "test_cannot_reach_other_bundle",
         "every other bottle's bundle, where its agent would dial it",
-        "seed issue #75: two simultaneous bottles must not see each other's "
-        "published ports",
+        "bot-bottle issue #75 (the seed): two simultaneous bottles must not see "
+        "each other's published ports",
     ),
     ProbeKind(
         "other-bundle-via-own-alias",
         "via-own-alias:",
         "test_cannot_reach_other_bundle_via_own_alias",
         "another bottle's bundle port on this bottle's own alias",
-        "FACTS (smolvm TSI): the allowlist filters the IP only, never the "
+        "smolvm's TSI networking: the allowlist filters the IP only, never the "
         "port, so a bundle bound on every address answers on any alias",
     ),
     ProbeKind(
@@ -52,15 +52,15 @@ PROBES: tuple[ProbeKind, ...] = (
         "sentinel:127.0.0.1",
         "test_cannot_reach_loopback_sentinel",
         "a host listener on 127.0.0.1 (TCP)",
-        "seed issue #75: with the allowlist 127.0.0.1/32 the agent reached "
-        "every service on the host's loopback",
+        "bot-bottle issue #75 (the seed): with the allowlist 127.0.0.1/32 the "
+        "agent reached every service on the host's loopback",
     ),
     ProbeKind(
         "udp-sentinel",
         "sentinel:127.0.0.1/udp",
         "test_cannot_reach_loopback_over_udp",
         "a host UDP listener on 127.0.0.1, judged by its nonce log",
-        "FACTS (TSI): a denied UDP sendto is dropped silently, so a send "
+        "smolvm's TSI networking: a denied UDP send is dropped silently, so a send "
         "without error proves nothing; only the receiver can tell",
     ),
     ProbeKind(
@@ -77,8 +77,8 @@ PROBES: tuple[ProbeKind, ...] = (
         "test_cannot_reach_other_aliases",
         "every other alias of the pool, free ones included, at a listener "
         "bound on every host address",
-        "seed issue #75, fix #76: each bottle's allowlist is its own alias "
-        "/32 and nothing else of 127.0.0.0/8",
+        "bot-bottle issue #75, fixed by #76: each bottle's allowlist is its own "
+        "alias /32 and nothing else of 127.0.0.0/8",
     ),
     ProbeKind(
         "host-address",
@@ -86,7 +86,7 @@ PROBES: tuple[ProbeKind, ...] = (
         "test_cannot_reach_host_addresses",
         "a listener bound on every host interface, at every address the host "
         "owns (IPv4 and IPv6)",
-        "FACTS (Docker): a container on an --internal network reached host "
+        "Docker: a container on an --internal network reached host "
         "services bound to 0.0.0.0",
     ),
     ProbeKind(
@@ -94,15 +94,15 @@ PROBES: tuple[ProbeKind, ...] = (
         "gateway:",
         "test_cannot_reach_host_addresses",
         "the same listener at every gateway the bottle sees",
-        "FACTS (Docker): the leak went through the bridge's gateway address",
+        "Docker: the leak went through the bridge's gateway address",
     ),
     ProbeKind(
         "egress",
         "egress",
         "test_cannot_reach_egress_target",
         "the egress target (default 8.8.8.8:53) over TCP and UDP",
-        "FACTS (smolvm --from bug, 0.8.0-1.7.7): allowed_cidrs stored as null "
-        "gives unrestricted egress without a warning",
+        "smolvm 0.8.0-1.7.7 (--from bug, fixed by upstream PR 892): allowed_cidrs "
+        "stored as null gives unrestricted egress without a warning",
     ),
     ProbeKind(
         "dns",
@@ -134,7 +134,7 @@ PROBES: tuple[ProbeKind, ...] = (
         "test_own_loopback_stays_own",
         "every bottle listens on one port of its own loopback at once and "
         "must reach its own listener there",
-        "FACTS (libkrun issue 860): two guests on one port collided on the host",
+        "libkrun issue 860: two guests listening on one port collided on the host",
     ),
 )
 

@@ -6,6 +6,7 @@
     bottle exec NAME -- CMD...
     bottle setup            (also: bottle smolvm-setup)
     bottle doctor
+    bottle probes
     bottle report diff OLD.json NEW.json
     bottle check [--backend B] [--out DIR] [-- PYTEST ARGS...]
 
@@ -21,6 +22,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 from pathlib import Path
 from typing import Any
@@ -33,6 +35,7 @@ from bottle.backends import (
     available_backends,
     load_backend,
 )
+from bottle.catalogue import PROBES
 from bottle.cli_report import REPORT_COMMANDS, add_report_commands
 from bottle.errors import BottleError, BottleNotFound, BottleUsageError
 from bottle.keeper import KEEPER_OWNER_KIND
@@ -100,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     for name in ("setup", "smolvm-setup"):
         commands.add_parser(name, help="prepare the host's loopback aliases")
     commands.add_parser("doctor", help="what each backend needs and whether it is here")
+    commands.add_parser(
+        "probes", help="every probe: what it targets, where it came from"
+    )
     add_report_commands(commands)
     return parser
 
@@ -122,6 +128,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_ERROR
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # the reader went away, e.g. `bottle probes | head`
+        sys.stderr.close()
+        return 0
 
 
 def _out(line: str = "") -> None:
@@ -350,6 +359,15 @@ def _cmd_doctor(args: argparse.Namespace, pool: AliasPool) -> int:
     return 0 if ready else EXIT_ERROR
 
 
+def _cmd_probes(args: argparse.Namespace, pool: AliasPool) -> int:
+    for kind in PROBES:
+        _out(f"{kind.name}  (columns {kind.columns}, test {kind.test})")
+        for label, text in (("targets", kind.targets), ("source", kind.source)):
+            for number, line in enumerate(textwrap.wrap(text, 70)):
+                _out(f"  {label if number == 0 else '':8} {line}")
+    return 0
+
+
 _COMMANDS = {
     "up": _cmd_up,
     "down": _cmd_down,
@@ -358,6 +376,7 @@ _COMMANDS = {
     "setup": _cmd_setup,
     "smolvm-setup": _cmd_setup,
     "doctor": _cmd_doctor,
+    "probes": _cmd_probes,
 }
 _COMMANDS.update(REPORT_COMMANDS)
 

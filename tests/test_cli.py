@@ -19,6 +19,7 @@ import psutil
 import pytest
 
 from bottle.backends import BackendConfig
+from bottle.catalogue import PROBES
 from bottle.backends.netns import NetnsBackend, netns_name, table_name
 from bottle.launcher import Launcher
 from bottle.pool import AliasPool, AliasRange
@@ -496,3 +497,14 @@ def test_sixteen_bottles_hold_sixteen_aliases_and_the_seventeenth_fails(
     assert full.leases() == []
     for bottle in started:
         assert has_resources(bottle.bottle_id) == {"netns": False, "table": False}
+
+
+def test_probes_lists_every_probe_with_its_source(cli: Cli) -> None:
+    result = cli.run("probes")
+
+    assert result.returncode == 0, result.stderr
+    for kind in PROBES:
+        assert f"{kind.name}  (columns {kind.columns}, test {kind.test})" in (
+            result.stdout
+        )
+    assert result.stdout.count("  source   ") == len(PROBES)
