@@ -19,8 +19,8 @@ import psutil
 import pytest
 
 from bottle.backends import BackendConfig
-from bottle.catalogue import PROBES
 from bottle.backends.netns import NetnsBackend, netns_name, table_name
+from bottle.catalogue import PROBES
 from bottle.launcher import Launcher
 from bottle.pool import AliasPool, AliasRange
 from bottle.spec import BottleSpec, spec_from_mapping
