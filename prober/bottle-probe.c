@@ -4,20 +4,34 @@
  * It speaks exactly the line protocol of bottle/prober.py, so a bottle whose
  * image has no Python can still be probed:
  *
- *     bottle-probe [--timeout-ms N] ID=PROTO:HOST:PORT:NONCE ...
+ *     bottle-probe [--timeout-ms N] [--marker NAME] ID=PROTO:HOST:PORT:NONCE ...
  *
- * PROTO is tcp or udp; an IPv6 HOST is written in brackets; HOST must be a
- * numeric address (the image has no resolver).  Every target is probed at
- * once, with non-blocking sockets and one poll() loop.  Output, one line per
- * target in the order given:
+ * The two options come in any order before the targets.  PROTO is
+ *
+ *   tcp   connect, send "NONCE\n", wait for the same line back;
+ *   udp   send "NONCE\n" as one datagram, wait for it back;
+ *   dns   send a DNS query (id 0x6262, recursion desired, type A, class IN)
+ *         for NONCE.bottle-probe.test and wait for one reply; it counts as
+ *         answered when its first two bytes are the query's id;
+ *   self  listen on HOST:PORT, wait 0.4 s, then connect there, send
+ *         "NONCE MARKER\n" and expect "NONCE MARKER" back: the listener
+ *         answers each line's first word followed by " MARKER", so two
+ *         bottles listening on one port each see whether they reach their
+ *         own listener.
+ *
+ * An IPv6 HOST is written in brackets; HOST must be a numeric address (the
+ * image has no resolver).  Every target is probed at once, with non-blocking
+ * sockets and one poll() loop.  Output, one line per target in the order
+ * given:
  *
  *     ID OUTCOME ERRNO LATENCY_US ECHOED
  *
- * OUTCOME is CONNECTED, DENIED, REFUSED, UNREACHABLE, TIMEOUT or ERROR;
- * ECHOED is 1 when the far side sent the nonce back.  Once connected the
- * prober sends "NONCE\n" and waits for the same line back.  A completed TCP
- * handshake counts as CONNECTED even when nothing echoes; a UDP probe is
- * CONNECTED only when the nonce comes back.
+ * OUTCOME is CONNECTED, DENIED, REFUSED, UNREACHABLE, TIMEOUT, UNSUPPORTED
+ * (the bottle has no such address family or address) or ERROR; ECHOED is 1
+ * when the far side sent the nonce back.  A completed TCP handshake counts as
+ * CONNECTED even when nothing echoes; a datagram probe is CONNECTED only when
+ * it is answered.  A connect may take the whole timeout, counted from when it
+ * starts; the answer must come within the timeout counted from the start.
  *
  *     bottle-probe --serve PORT
  *
@@ -32,6 +46,7 @@
 #include <arpa/inet.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <limits.h>
 #include <netinet/in.h>
 #include <poll.h>
 #include <signal.h>
@@ -43,30 +58,49 @@
 #include <unistd.h>
 
 #define MAX_LINE 256
+#define MAX_MARKER 64
 #define MAX_TARGETS 4096
 #define MAX_CLIENTS 512
+#define MAX_ANSWERS 64
 #define CLIENT_TIMEOUT_MS 10000
+#define SELF_LISTEN_US 400000LL
+#define DNS_ID 0x62
 
-enum state { CONNECTING, SENDING, READING, DONE };
+enum proto { TCP, UDP, DNS, SELF };
+enum state { WAITING, CONNECTING, SENDING, READING, DONE };
 
 struct probe {
     const char *id;
-    int udp;
+    enum proto proto;
     char host[64];
     int port;
     const char *nonce;
-    int fd;
+    struct sockaddr_storage addr;
+    socklen_t addrlen;
+    int fd, listen_fd;
     enum state state;
     int connected;
     int echoed;
     int code;
     const char *outcome;
-    char sendbuf[MAX_LINE + 2];
+    char sendbuf[MAX_LINE + MAX_MARKER + 64];
     size_t sendlen, sent;
+    char expect[MAX_LINE + MAX_MARKER + 2];
     char recvbuf[MAX_LINE + 1];
     size_t recvlen;
-    long long started_us, ended_us;
+    long long started_us, connect_at_us, deadline_us, ended_us;
 };
+
+/* A connection to a self probe's listener, answered with " MARKER". */
+struct answer {
+    int fd;
+    char buf[MAX_LINE + 1];
+    size_t len;
+};
+
+static const char *marker = "-";
+static long long timeout_us = 1500000LL;
+static struct answer answers[MAX_ANSWERS];
 
 static long long now_us(void)
 {
@@ -89,6 +123,10 @@ static const char *classify(int code)
         return "UNREACHABLE";
     case ETIMEDOUT:
         return "TIMEOUT";
+    case EAFNOSUPPORT:
+    case EADDRNOTAVAIL:
+    case EPROTONOSUPPORT:
+        return "UNSUPPORTED";
     default:
         return "ERROR";
     }
@@ -97,9 +135,21 @@ static const char *classify(int code)
 static void usage(void)
 {
     fprintf(stderr,
-            "usage: bottle-probe [--timeout-ms N] ID=PROTO:HOST:PORT:NONCE ...\n"
+            "usage: bottle-probe [--timeout-ms N] [--marker NAME] "
+            "ID=PROTO:HOST:PORT:NONCE ...\n"
             "       bottle-probe --serve PORT\n");
     exit(2);
+}
+
+static int parse_proto(const char *text, enum proto *proto)
+{
+    static const char *const names[] = {"tcp", "udp", "dns", "self"};
+    for (int i = 0; i < 4; i++)
+        if (strcmp(text, names[i]) == 0) {
+            *proto = (enum proto)i;
+            return 0;
+        }
+    return -1;
 }
 
 /* ID=PROTO:HOST:PORT:NONCE, HOST possibly in brackets; 0 on success. */
@@ -115,11 +165,7 @@ static int parse_target(char *text, struct probe *p)
     if (colon == NULL)
         return -1;
     *colon = '\0';
-    if (strcmp(rest, "tcp") == 0)
-        p->udp = 0;
-    else if (strcmp(rest, "udp") == 0)
-        p->udp = 1;
-    else
+    if (parse_proto(rest, &p->proto) != 0)
         return -1;
     rest = colon + 1;
     char *host_end;
@@ -150,7 +196,8 @@ static int parse_target(char *text, struct probe *p)
         return -1;
     p->port = (int)port;
     p->nonce = colon + 1;
-    if (strlen(p->nonce) > MAX_LINE)
+    /* A DNS label's length is one byte. */
+    if (strlen(p->nonce) > (p->proto == DNS ? 255 : MAX_LINE))
         return -1;
     return 0;
 }
@@ -159,73 +206,89 @@ static void finish(struct probe *p, int code)
 {
     if (p->fd >= 0)
         close(p->fd);
-    p->fd = -1;
+    if (p->listen_fd >= 0)
+        close(p->listen_fd);
+    p->fd = p->listen_fd = -1;
     p->state = DONE;
     p->ended_us = now_us();
-    p->code = code;
+    /* Python reports a timed-out socket as TimeoutError, without an errno. */
+    p->code = code == ETIMEDOUT ? 0 : code;
     if (p->connected || p->echoed)
         p->outcome = "CONNECTED";
-    else if (code != 0)
-        p->outcome = classify(code);
+    else if (p->code != 0)
+        p->outcome = classify(p->code);
     else
         p->outcome = "TIMEOUT";
 }
 
 /* Whether the received bytes hold a whole first line (or all there will be). */
-static int line_complete(struct probe *p)
+static int line_complete(const char *buf, size_t len)
 {
-    return memchr(p->recvbuf, '\n', p->recvlen) != NULL || p->recvlen >= MAX_LINE;
+    return memchr(buf, '\n', len) != NULL || len >= MAX_LINE;
+}
+
+static size_t first_line(const char *buf, size_t len)
+{
+    const char *newline = memchr(buf, '\n', len);
+    return newline ? (size_t)(newline - buf) : len;
 }
 
 static void check_echo(struct probe *p)
 {
-    char *newline = memchr(p->recvbuf, '\n', p->recvlen);
-    size_t len = newline ? (size_t)(newline - p->recvbuf) : p->recvlen;
-    p->echoed = len == strlen(p->nonce) && memcmp(p->recvbuf, p->nonce, len) == 0;
+    size_t len = first_line(p->recvbuf, p->recvlen);
+    p->echoed = len == strlen(p->expect) && memcmp(p->recvbuf, p->expect, len) == 0;
 }
 
-static void start_probe(struct probe *p)
+/* Fills p->addr; the address family, or -1 when HOST is not numeric. */
+static int parse_address(struct probe *p)
 {
-    struct sockaddr_storage addr;
-    socklen_t addrlen;
-    int family;
-
-    memset(&addr, 0, sizeof addr);
-    p->fd = -1;
-    p->started_us = now_us();
+    memset(&p->addr, 0, sizeof p->addr);
     if (strchr(p->host, ':') != NULL) {
-        struct sockaddr_in6 *sin6 = (struct sockaddr_in6 *)&addr;
-        family = AF_INET6;
+        struct sockaddr_in6 *sin6 = (struct sockaddr_in6 *)&p->addr;
         sin6->sin6_family = AF_INET6;
         sin6->sin6_port = htons((unsigned short)p->port);
-        if (inet_pton(AF_INET6, p->host, &sin6->sin6_addr) != 1) {
-            finish(p, EINVAL);
-            return;
-        }
-        addrlen = sizeof *sin6;
-    } else {
-        struct sockaddr_in *sin = (struct sockaddr_in *)&addr;
-        family = AF_INET;
-        sin->sin_family = AF_INET;
-        sin->sin_port = htons((unsigned short)p->port);
-        if (inet_pton(AF_INET, p->host, &sin->sin_addr) != 1) {
-            finish(p, EINVAL);
-            return;
-        }
-        addrlen = sizeof *sin;
+        p->addrlen = sizeof *sin6;
+        return inet_pton(AF_INET6, p->host, &sin6->sin6_addr) == 1 ? AF_INET6 : -1;
     }
+    struct sockaddr_in *sin = (struct sockaddr_in *)&p->addr;
+    sin->sin_family = AF_INET;
+    sin->sin_port = htons((unsigned short)p->port);
+    p->addrlen = sizeof *sin;
+    return inet_pton(AF_INET, p->host, &sin->sin_addr) == 1 ? AF_INET : -1;
+}
 
-    int kind = p->udp ? SOCK_DGRAM : SOCK_STREAM;
-    p->fd = socket(family, kind | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+/* The query of bottle/prober.py's dns_query(), into p->sendbuf. */
+static void build_dns_query(struct probe *p)
+{
+    static const unsigned char header[12] = {DNS_ID, DNS_ID, 1, 0, 0, 1};
+    const char *labels[] = {p->nonce, "bottle-probe", "test"};
+    unsigned char *out = (unsigned char *)p->sendbuf;
+    size_t n = sizeof header;
+
+    memcpy(out, header, n);
+    for (int i = 0; i < 3; i++) {
+        size_t len = strlen(labels[i]);
+        out[n++] = (unsigned char)len;
+        memcpy(out + n, labels[i], len);
+        n += len;
+    }
+    static const unsigned char tail[5] = {0, 0, 1, 0, 1}; /* root, A, IN */
+    memcpy(out + n, tail, sizeof tail);
+    p->sendlen = n + sizeof tail;
+}
+
+static void begin_connect(struct probe *p)
+{
+    int kind = p->proto == UDP || p->proto == DNS ? SOCK_DGRAM : SOCK_STREAM;
+    p->fd = socket(p->addr.ss_family, kind | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
     if (p->fd < 0) {
         finish(p, errno);
         return;
     }
-    int len = snprintf(p->sendbuf, sizeof p->sendbuf, "%s\n", p->nonce);
-    p->sendlen = (size_t)len;
-    p->sent = 0;
-    if (connect(p->fd, (struct sockaddr *)&addr, addrlen) == 0) {
-        p->connected = !p->udp;
+    p->deadline_us = now_us() + timeout_us;
+    if (connect(p->fd, (struct sockaddr *)&p->addr, p->addrlen) == 0) {
+        p->connected = kind == SOCK_STREAM;
+        p->deadline_us = p->started_us + timeout_us;
         p->state = SENDING;
     } else if (errno == EINPROGRESS) {
         p->state = CONNECTING;
@@ -234,7 +297,51 @@ static void start_probe(struct probe *p)
     }
 }
 
-static void send_nonce(struct probe *p)
+static int open_listener(struct probe *p)
+{
+    int one = 1;
+    int kind = SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC;
+    p->listen_fd = socket(p->addr.ss_family, kind, 0);
+    if (p->listen_fd < 0)
+        return errno;
+    setsockopt(p->listen_fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+    if (bind(p->listen_fd, (struct sockaddr *)&p->addr, p->addrlen) != 0 ||
+        listen(p->listen_fd, 8) != 0)
+        return errno;
+    return 0;
+}
+
+static void start_probe(struct probe *p)
+{
+    p->fd = p->listen_fd = -1;
+    p->started_us = now_us();
+    if (parse_address(p) < 0) {
+        finish(p, EINVAL);
+        return;
+    }
+    if (p->proto == DNS) {
+        build_dns_query(p);
+    } else if (p->proto == SELF) {
+        snprintf(p->expect, sizeof p->expect, "%s %s", p->nonce, marker);
+    } else {
+        snprintf(p->expect, sizeof p->expect, "%s", p->nonce);
+    }
+    if (p->proto != DNS)
+        p->sendlen = (size_t)snprintf(p->sendbuf, sizeof p->sendbuf, "%s\n", p->expect);
+    if (p->proto == SELF) {
+        int error = open_listener(p);
+        if (error != 0) {
+            finish(p, error);
+            return;
+        }
+        p->state = WAITING;
+        p->connect_at_us = p->started_us + SELF_LISTEN_US;
+        return;
+    }
+    begin_connect(p);
+}
+
+static void send_request(struct probe *p)
 {
     while (p->sent < p->sendlen) {
         ssize_t n = send(p->fd, p->sendbuf + p->sent, p->sendlen - p->sent,
@@ -259,17 +366,18 @@ static void receive(struct probe *p)
                 return;
             if (errno == EINTR)
                 continue;
-            check_echo(p);
             finish(p, errno);
             return;
         }
-        if (n == 0) {
-            check_echo(p);
+        p->recvlen += (size_t)n;
+        if (p->proto == DNS) {
+            /* One reply decides, as in bottle/prober.py. */
+            p->echoed = n >= 2 && (unsigned char)p->recvbuf[0] == DNS_ID &&
+                        (unsigned char)p->recvbuf[1] == DNS_ID;
             finish(p, 0);
             return;
         }
-        p->recvlen += (size_t)n;
-        if (line_complete(p)) {
+        if (n == 0 || line_complete(p->recvbuf, p->recvlen)) {
             check_echo(p);
             finish(p, 0);
             return;
@@ -277,39 +385,97 @@ static void receive(struct probe *p)
     }
 }
 
-static int run_probes(struct probe *probes, int count, int timeout_ms)
+static void accept_answer(int listen_fd)
 {
-    size_t slots = count > 0 ? (size_t)count : 1;
+    int fd = accept4(listen_fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+    if (fd < 0)
+        return;
+    for (int i = 0; i < MAX_ANSWERS; i++)
+        if (answers[i].fd < 0) {
+            answers[i].fd = fd;
+            answers[i].len = 0;
+            return;
+        }
+    close(fd);
+}
+
+/* Answer the first word of the line read with " MARKER\n". */
+static void read_answer(struct answer *a)
+{
+    ssize_t got = recv(a->fd, a->buf + a->len, MAX_LINE - a->len, 0);
+    if (got < 0 && (errno == EAGAIN || errno == EINTR))
+        return;
+    if (got > 0) {
+        a->len += (size_t)got;
+        if (!line_complete(a->buf, a->len))
+            return;
+    }
+    if (got >= 0) {
+        char reply[MAX_LINE + MAX_MARKER + 2];
+        size_t word = first_line(a->buf, a->len);
+        const char *space = memchr(a->buf, ' ', word);
+        if (space != NULL)
+            word = (size_t)(space - a->buf);
+        int len = snprintf(reply, sizeof reply, "%.*s %s\n", (int)word, a->buf, marker);
+        send(a->fd, reply, (size_t)len, MSG_NOSIGNAL);
+    }
+    close(a->fd);
+    a->fd = -1;
+}
+
+enum watched { PROBE, LISTENER, ANSWER };
+
+static int run_probes(struct probe *probes, int count)
+{
+    size_t slots = 2 * (size_t)count + MAX_ANSWERS + 1;
     struct pollfd *fds = calloc(slots, sizeof *fds);
     int *index = calloc(slots, sizeof *index);
-    if (fds == NULL || index == NULL) {
+    enum watched *what = calloc(slots, sizeof *what);
+    if (fds == NULL || index == NULL || what == NULL) {
         perror("bottle-probe: calloc");
         return 1;
     }
-    long long deadline = now_us() + (long long)timeout_ms * 1000LL;
-
+    for (int i = 0; i < MAX_ANSWERS; i++)
+        answers[i].fd = -1;
     for (int i = 0; i < count; i++)
         start_probe(&probes[i]);
-    for (int i = 0; i < count; i++)
-        if (probes[i].state == SENDING)
-            send_nonce(&probes[i]);
 
     for (;;) {
+        long long now = now_us(), next = LLONG_MAX;
         int watched = 0;
         for (int i = 0; i < count; i++) {
             struct probe *p = &probes[i];
+            if (p->state == WAITING && now >= p->connect_at_us)
+                begin_connect(p);
+            if (p->state == SENDING)
+                send_request(p);
+            if (p->state != WAITING && p->state != DONE && now >= p->deadline_us)
+                finish(p, 0); /* ran out of time */
             if (p->state == DONE)
                 continue;
-            fds[watched].fd = p->fd;
-            fds[watched].events = p->state == READING ? POLLIN : POLLOUT;
-            fds[watched].revents = 0;
-            index[watched++] = i;
+            long long due = p->state == WAITING ? p->connect_at_us : p->deadline_us;
+            next = due < next ? due : next;
+            if (p->listen_fd >= 0) {
+                fds[watched] = (struct pollfd){p->listen_fd, POLLIN, 0};
+                what[watched] = LISTENER;
+                index[watched++] = i;
+            }
+            if (p->state != WAITING) {
+                short events = p->state == READING ? POLLIN : POLLOUT;
+                fds[watched] = (struct pollfd){p->fd, events, 0};
+                what[watched] = PROBE;
+                index[watched++] = i;
+            }
         }
-        if (watched == 0)
+        if (next == LLONG_MAX)
             break;
-        long long left = deadline - now_us();
-        if (left <= 0)
-            break;
+        for (int i = 0; i < MAX_ANSWERS; i++)
+            if (answers[i].fd >= 0) {
+                fds[watched] = (struct pollfd){answers[i].fd, POLLIN, 0};
+                what[watched] = ANSWER;
+                index[watched++] = i;
+            }
+        long long left = next > now ? next - now : 0;
         int ready = poll(fds, (nfds_t)watched, (int)((left + 999) / 1000));
         if (ready < 0) {
             if (errno == EINTR)
@@ -318,9 +484,18 @@ static int run_probes(struct probe *probes, int count, int timeout_ms)
             return 1;
         }
         for (int k = 0; k < watched; k++) {
-            struct probe *p = &probes[index[k]];
             if (fds[k].revents == 0)
                 continue;
+            if (what[k] == ANSWER) {
+                read_answer(&answers[index[k]]);
+                continue;
+            }
+            struct probe *p = &probes[index[k]];
+            if (what[k] == LISTENER) {
+                if (p->listen_fd >= 0)
+                    accept_answer(p->listen_fd);
+                continue;
+            }
             if (p->state == CONNECTING) {
                 int error = 0;
                 socklen_t size = sizeof error;
@@ -329,24 +504,23 @@ static int run_probes(struct probe *probes, int count, int timeout_ms)
                     finish(p, error);
                     continue;
                 }
-                p->connected = !p->udp;
+                p->connected = p->proto == TCP || p->proto == SELF;
+                p->deadline_us = p->started_us + timeout_us;
                 p->state = SENDING;
             }
             if (p->state == SENDING)
-                send_nonce(p);
+                send_request(p);
             else if (p->state == READING)
                 receive(p);
         }
     }
 
-    /* Whatever is still open ran out of time. */
-    for (int i = 0; i < count; i++)
-        if (probes[i].state != DONE) {
-            check_echo(&probes[i]);
-            finish(&probes[i], 0);
-        }
+    for (int i = 0; i < MAX_ANSWERS; i++)
+        if (answers[i].fd >= 0)
+            close(answers[i].fd);
     free(fds);
     free(index);
+    free(what);
     return 0;
 }
 
@@ -561,7 +735,6 @@ static int serve(int port)
 
 int main(int argc, char **argv)
 {
-    int timeout_ms = 1500;
     int first = 1;
 
     if (argc == 3 && strcmp(argv[1], "--serve") == 0) {
@@ -571,13 +744,22 @@ int main(int argc, char **argv)
             usage();
         return serve((int)port);
     }
-    if (argc >= 3 && strcmp(argv[1], "--timeout-ms") == 0) {
-        char *end;
-        long value = strtol(argv[2], &end, 10);
-        if (*argv[2] == '\0' || *end != '\0' || value < 0 || value > 3600000)
-            usage();
-        timeout_ms = (int)value;
-        first = 3;
+    while (argc - first >= 2) {
+        if (strcmp(argv[first], "--timeout-ms") == 0) {
+            char *end;
+            long value = strtol(argv[first + 1], &end, 10);
+            if (*argv[first + 1] == '\0' || *end != '\0' || value < 0 ||
+                value > 3600000)
+                usage();
+            timeout_us = value * 1000LL;
+        } else if (strcmp(argv[first], "--marker") == 0) {
+            marker = argv[first + 1];
+            if (strlen(marker) > MAX_MARKER)
+                usage();
+        } else {
+            break;
+        }
+        first += 2;
     }
     int count = argc - first;
     if (count > MAX_TARGETS)
@@ -594,7 +776,7 @@ int main(int argc, char **argv)
         }
     }
     signal(SIGPIPE, SIG_IGN);
-    if (run_probes(probes, count, timeout_ms) != 0)
+    if (run_probes(probes, count) != 0)
         return 1;
     for (int i = 0; i < count; i++) {
         struct probe *p = &probes[i];

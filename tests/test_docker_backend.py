@@ -8,6 +8,7 @@ addresses that the bottle's rules reject before they leave the host.
 
 from __future__ import annotations
 
+import concurrent.futures
 import io
 import subprocess
 import tarfile
@@ -23,6 +24,7 @@ from bottle.backends import BackendConfig, Bottle, load_backend
 from bottle.backends.docker import (
     LABEL_BOTTLE,
     LABEL_RUN,
+    OPTIONS,
     DockerBackend,
     agent_name,
     bridge_name,
@@ -116,6 +118,23 @@ def test_unknown_option_lists_the_valid_ones(state: Path) -> None:
 def test_gateway_rule_takes_on_or_off_only(state: Path) -> None:
     with pytest.raises(BottleUsageError, match="valid values: on, off"):
         _backend(state, gateway_rule="maybe")
+
+
+@pytest.mark.parametrize(
+    ("key", "valid"),
+    [("internal", "on, off"), ("bundle_publish", "alias, all")],
+)
+def test_leaky_options_take_their_two_values_only(
+    state: Path, key: str, valid: str
+) -> None:
+    with pytest.raises(BottleUsageError, match=f"{key}='yes'.*valid values: {valid}"):
+        _backend(state, **{key: "yes"})
+
+
+def test_leaky_options_are_marked_as_negative_controls() -> None:
+    for key in ("gateway_rule", "internal", "bundle_publish"):
+        assert "NEGATIVE CONTROL" in OPTIONS[key]
+    assert "NEGATIVE CONTROL" not in OPTIONS["image"]
 
 
 def test_no_engine_is_one_line_naming_the_address(
@@ -279,6 +298,54 @@ def test_gateway_rule_on_closes_the_leak(
     for result in results:
         assert result.outcome is Outcome.UNREACHABLE, result
     assert everywhere.touches == []
+
+
+@needs_engine
+def test_internal_off_puts_the_agent_on_an_ordinary_network(state: Path) -> None:
+    backend = _backend(state, internal="off")
+    launcher = Launcher(backend, AliasPool(state_dir=state))
+    try:
+        bottle = launcher.start(BottleSpec("a"))
+        network = _client().networks.get(network_name(bottle.bottle_id, "int"))
+        assert network.attrs["Internal"] is False
+        assert bottle.facts["internal"] == "off"
+    finally:
+        launcher.stop_all()
+
+
+@needs_engine
+def test_bundle_publish_all_publishes_on_every_address(state: Path) -> None:
+    backend = _backend(state, bundle_publish="all")
+    launcher = Launcher(backend, AliasPool(state_dir=state))
+    try:
+        bottle = launcher.start(BottleSpec("a"))
+        assert backend.effective_allowlist(bottle) == ["0.0.0.0/0"]
+        assert bottle.facts["published"]["echo"].startswith("0.0.0.0:")
+    finally:
+        launcher.stop_all()
+
+
+@needs_engine
+def test_two_agents_listen_on_one_loopback_port_each_their_own(
+    launcher: Launcher, backend: DockerBackend
+) -> None:
+    bottles = launcher.start_many([BottleSpec("a"), BottleSpec("b")])
+    target = Target(
+        "loopback:self",
+        TargetKind.OWN_LOOPBACK,
+        backend.agent_loopback(bottles[0]),
+        47123,
+        proto="self",
+        must_reach=True,
+    )
+    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as executor:
+        results = list(
+            executor.map(lambda b: run_probes(backend, b, [target]), bottles)
+        )
+    for (result,) in results:
+        assert (result.outcome, result.echoed) == (Outcome.CONNECTED, True), result
+        # Both listened at once: each waits 0.4 s with its listener open.
+        assert result.latency_ms >= 400
 
 
 @needs_engine

@@ -22,8 +22,19 @@ between the internal bridge and any other interface (Docker drops that
 already, silently; a reject makes a blocked probe fail at once instead of
 timing out).  The bridges are named by the backend
 (not by Docker), so the table is loaded before they exist and no packet ever
-passes unfiltered.  The backend option ``gateway_rule=off`` leaves the table
-out, which shows the leak.
+passes unfiltered.
+
+Backend options (``OPTIONS``) choose the agent's image and, for negative
+controls only, weaken the bottle on purpose, so that each probe is shown to
+see the leak it looks for:
+
+- ``gateway_rule=off`` leaves the nftables table out: the agent reaches every
+  host service bound to ``0.0.0.0`` at its gateway.
+- ``internal=off`` makes the agent's network an ordinary bridge, with a
+  default route through the host, NAT and all (the table's forward rule, if
+  loaded, still rejects what the host would forward).
+- ``bundle_publish=all`` publishes the bundle's port on ``0.0.0.0`` instead
+  of the alias, so it answers on every host address.
 
 Every container and network carries the labels ``bot-bottle.bottle`` and
 ``bot-bottle.run``, so a reaper finds what a crashed run left.  Images are
@@ -91,15 +102,32 @@ READY_TIMEOUT_SECONDS = 15.0
 LOG_GRACE_SECONDS = 0.05
 
 OPTIONS = {
-    "gateway_rule": (
-        "on (default) rejects what enters the host from the bottle's bridges; "
-        "off keeps Docker's behaviour, where the agent reaches host services "
-        "bound to 0.0.0.0 at its gateway"
-    ),
     "image": (
         "image for the agent and non-echo bundle services when the spec names "
         "none (default: the probe image, built here from prober/bottle-probe.c)"
     ),
+    # The options below weaken isolation on purpose.  They exist for the
+    # negative controls, which prove that each probe can see its leak.
+    "gateway_rule": (
+        "on (default) rejects what enters the host from the bottle's bridges; "
+        "off: NEGATIVE CONTROL, Docker's behaviour, where the agent reaches "
+        "host services bound to 0.0.0.0 at its gateway"
+    ),
+    "internal": (
+        "on (default) | off: NEGATIVE CONTROL, the agent's network is an "
+        "ordinary (not --internal) bridge with a route out through the host"
+    ),
+    "bundle_publish": (
+        "alias (default) | all: NEGATIVE CONTROL, the bundle's port is "
+        "published on 0.0.0.0, every host address"
+    ),
+}
+
+#: Each option that weakens isolation: its safe value, then its leaky one.
+_LEAKY_CHOICES = {
+    "gateway_rule": ("on", "off"),
+    "internal": ("on", "off"),
+    "bundle_publish": ("alias", "all"),
 }
 
 
@@ -193,12 +221,21 @@ class DockerBackend:
     def __init__(self, config: BackendConfig) -> None:
         reject_unknown_options(self.name, config.options, OPTIONS)
         self.config = config
-        rule = config.options.get("gateway_rule", "on")
-        if rule not in ("on", "off"):
-            raise BottleUsageError(
-                f"backend option gateway_rule={rule!r}", "valid values: on, off"
+        leaky = {
+            key: _leaky_choice(config.options, key, safe, weak)
+            for key, (safe, weak) in _LEAKY_CHOICES.items()
+        }
+        if any(leaky.values()):
+            log.warning(
+                "docker bottles are deliberately leaky: %s",
+                ", ".join(
+                    f"{key}={config.options[key]}" for key in leaky if leaky[key]
+                ),
             )
-        self.gateway_rule = rule == "on"
+        self.gateway_rule = not leaky["gateway_rule"]
+        self.internal = not leaky["internal"]
+        #: The host address bundles publish on: the alias, or None for every one.
+        self.publish_on_alias = not leaky["bundle_publish"]
         self.default_image = config.options.get("image", "")
         self.cache_dir = config.state_dir / "docker"
         self._docker: Any = None
@@ -310,6 +347,8 @@ class DockerBackend:
             "bridges": [bridge_name(bottle_id, "int"), bridge_name(bottle_id, "pub")],
             "table": table_name(bottle_id) if self.gateway_rule else "",
             "gateway_rule": "on" if self.gateway_rule else "off",
+            "internal": "on" if self.internal else "off",
+            "bundle_publish": "alias" if self.publish_on_alias else "all",
             "agent_user": _docker_user(spec.agent.user),
             "allowlist": list(spec.allowlist),
         }
@@ -491,8 +530,10 @@ class DockerBackend:
             attrs = client.api.inspect_container(container)
             for bindings in (attrs["HostConfig"].get("PortBindings") or {}).values():
                 for binding in bindings or []:
-                    host = binding.get("HostIp") or "0.0.0.0"
-                    cidr = str(ipaddress.ip_network(host))
+                    host = ipaddress.ip_address(binding.get("HostIp") or "0.0.0.0")
+                    # An unspecified address publishes on every address.
+                    prefix = 0 if host.is_unspecified else host.max_prefixlen
+                    cidr = str(ipaddress.ip_network(f"{host}/{prefix}"))
                     if cidr not in published:
                         published.append(cidr)
         return published
@@ -540,7 +581,7 @@ class DockerBackend:
 
         gateways: dict[str, str] = {}
         subnets: list[str] = []
-        for kind, internal in (("int", True), ("pub", False)):
+        for kind, internal in (("int", self.internal), ("pub", False)):
             network = client.networks.create(
                 handle["networks"][kind],
                 driver="bridge",
@@ -568,7 +609,8 @@ class DockerBackend:
             handle["bundle"][service.name] = container
             bottle.bundle_ports[service.name] = port
             handle.setdefault("bundle_addresses", {})[service.name] = address
-            published[service.name] = f"{lease.alias}:{host_port}"
+            host = lease.alias if self.publish_on_alias else "0.0.0.0"
+            published[service.name] = f"{host}:{host_port}"
             if service.is_echo:
                 echo[service.name] = container
                 bottle.bundle_witnesses[service.name] = ContainerLogWitness(
@@ -584,6 +626,8 @@ class DockerBackend:
         bottle.facts.update(
             {
                 "gateway_rule": handle["gateway_rule"],
+                "internal": handle["internal"],
+                "bundle_publish": handle["bundle_publish"],
                 "internal_network": handle["networks"]["int"],
                 "internal_subnets": subnets,
                 "published": published,
@@ -619,7 +663,9 @@ class DockerBackend:
             name=name,
             labels=dict(labels),
             network=networks["int"],
-            ports={f"{port}/tcp": (bottle.alias,)},
+            ports={
+                f"{port}/tcp": (bottle.alias if self.publish_on_alias else "0.0.0.0",)
+            },
             security_opt=["no-new-privileges"],
             detach=True,
             **options,
@@ -719,6 +765,16 @@ table inet {table} {{
         )
         if completed.returncode != 0:
             raise CommandFailed(argv, completed.returncode, completed.stderr)
+
+
+def _leaky_choice(options: Mapping[str, str], key: str, safe: str, leaky: str) -> bool:
+    """Whether option ``key`` asks for its leaky value; anything else is refused."""
+    value = options.get(key, safe)
+    if value not in (safe, leaky):
+        raise BottleUsageError(
+            f"backend option {key}={value!r}", f"valid values: {safe}, {leaky}"
+        )
+    return value == leaky
 
 
 def _docker_user(user: str) -> str:
