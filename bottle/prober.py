@@ -15,8 +15,9 @@ Arguments::
 - ``udp``: send ``NONCE\\n`` as one datagram, wait for it back;
 - ``dns``: send a DNS query for ``NONCE.bottle-probe.test`` and wait for any
   answer with the query's id (a resolver that forwards it leaks the nonce);
-- ``self``: listen on ``HOST:PORT`` inside the bottle, then connect to it
-  and expect the answer ``NONCE MARKER`` of this very prober (``--marker``):
+- ``self``: listen on ``HOST:PORT`` inside the bottle, then connect to it,
+  send ``NONCE\\n`` and expect the answer ``NONCE MARKER`` that only this
+  very prober's listener gives (``--marker``):
   two bottles listening on one port must each reach their own.
 
 An IPv6 ``HOST`` is written in brackets.  Output, one line per target in the
@@ -92,13 +93,15 @@ def dns_query(nonce: str) -> bytes:
     return header + labels + b"\x00\x00\x01\x00\x01"
 
 
-def _exchange(sock: socket.socket, proto: str, nonce: str, deadline: float) -> bool:
+def _exchange(
+    sock: socket.socket, proto: str, nonce: str, expected: str, deadline: float
+) -> bool:
     if proto == "dns":
         sock.sendall(dns_query(nonce))
         sock.settimeout(max(deadline - time.monotonic(), 0.001))
         return sock.recv(512)[:2] == b"\x62\x62"
     sock.sendall(nonce.encode() + b"\n")
-    return _read_line(sock, deadline) == nonce.encode()
+    return _read_line(sock, deadline) == expected.encode()
 
 
 def probe(
@@ -112,16 +115,19 @@ def probe(
     connected, echoed, code = False, False, 0
     outcome = "TIMEOUT"
     listener = None
+    expected = nonce
     try:
         if proto == "self":
             listener = _listen_and_answer(family, host, port, marker, deadline)
             time.sleep(_SELF_LISTEN_SECONDS)
-            nonce = f"{nonce} {marker}"
+            # Only this prober's own listener adds the marker: a plain echo
+            # server on the port cannot pass for it.
+            expected = f"{nonce} {marker}"
         with socket.socket(family, kind) as sock:
             sock.settimeout(timeout)
             sock.connect((host, port))
             connected = kind == socket.SOCK_STREAM
-            echoed = _exchange(sock, proto, nonce, deadline)
+            echoed = _exchange(sock, proto, nonce, expected, deadline)
     except TimeoutError:
         pass
     except OSError as exc:

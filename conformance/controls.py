@@ -115,6 +115,38 @@ CONTROLS: tuple[NegativeControl, ...] = (
         _each("test_cannot_reach_host_addresses") | _ALLOWLIST,
         ("gateway",),
     ),
+
+    NegativeControl(
+        "docker-no-gateway-rule",
+        "docker",
+        "a docker bottle on a plain --internal network, without the host rule "
+        "that closes the gateway",
+        ("--bottle-backend-option=gateway_rule=off",),
+        _each("test_cannot_reach_host_addresses"),
+        ("host-address", "gateway"),
+    ),
+    NegativeControl(
+        "docker-non-internal-network",
+        "docker",
+        "a docker bottle on a non-internal network (and without the gateway "
+        "rule, which alone would still stop its traffic)",
+        (
+            "--bottle-backend-option=internal=off",
+            "--bottle-backend-option=gateway_rule=off",
+        ),
+        _each("test_cannot_reach_host_addresses")
+        | _each("test_cannot_reach_egress_target")
+        | _each("test_cannot_reach_outside"),
+        ("host-address", "egress", "dns", "metadata", "public"),
+    ),
+    NegativeControl(
+        "docker-bundle-on-every-address",
+        "docker",
+        "a docker bundle published on 0.0.0.0 instead of the bottle's alias",
+        ("--bottle-backend-option=bundle_publish=all",),
+        _ALLOWLIST,
+        (),
+    ),
 )
 
 #: Probe kinds no control proves yet, and why.

@@ -14,7 +14,7 @@
  *         for NONCE.bottle-probe.test and wait for one reply; it counts as
  *         answered when its first two bytes are the query's id;
  *   self  listen on HOST:PORT, wait 0.4 s, then connect there, send
- *         "NONCE MARKER\n" and expect "NONCE MARKER" back: the listener
+ *         "NONCE\n" and expect "NONCE MARKER" back: the listener
  *         answers each line's first word followed by " MARKER", so two
  *         bottles listening on one port each see whether they reach their
  *         own listener.
@@ -326,8 +326,10 @@ static void start_probe(struct probe *p)
     } else {
         snprintf(p->expect, sizeof p->expect, "%s", p->nonce);
     }
+    /* Only the nonce goes out: a self probe's own listener adds the marker,
+       so a plain echo server on the port cannot pass for it. */
     if (p->proto != DNS)
-        p->sendlen = (size_t)snprintf(p->sendbuf, sizeof p->sendbuf, "%s\n", p->expect);
+        p->sendlen = (size_t)snprintf(p->sendbuf, sizeof p->sendbuf, "%s\n", p->nonce);
     if (p->proto == SELF) {
         int error = open_listener(p);
         if (error != 0) {

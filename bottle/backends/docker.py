@@ -739,9 +739,11 @@ class DockerBackend:
         # (a published port's proxy dialling the bundle).  Forward: the
         # internal bridge exchanges nothing with any other interface; Docker
         # drops that too, silently, which costs each probe its full timeout,
-        # while a reject fails it at once.
+        # while a reject fails it at once.  TCP is reset rather than answered
+        # with ICMP, which the kernel rate-limits to a few per second.
         internal = bridges[0]
         reject = "reject with icmpx type admin-prohibited"
+        reset = "reject with tcp reset"
         names = ", ".join(f'"{bridge}"' for bridge in bridges)
         table = table_name(bottle_id)
         ruleset = f"""
@@ -749,10 +751,12 @@ table inet {table} {{
     chain input {{
         type filter hook input priority filter - 10; policy accept;
         iifname {{ {names} }} ct state established,related accept
+        iifname {{ {names} }} meta l4proto tcp {reset}
         iifname {{ {names} }} {reject}
     }}
     chain forward {{
         type filter hook forward priority filter - 10; policy accept;
+        iifname "{internal}" oifname != "{internal}" meta l4proto tcp {reset}
         iifname "{internal}" oifname != "{internal}" {reject}
         oifname "{internal}" iifname != "{internal}" {reject}
     }}
