@@ -115,7 +115,6 @@ CONTROLS: tuple[NegativeControl, ...] = (
         _each("test_cannot_reach_host_addresses") | _ALLOWLIST,
         ("gateway",),
     ),
-
     NegativeControl(
         "docker-no-gateway-rule",
         "docker",
