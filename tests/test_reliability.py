@@ -97,9 +97,11 @@ def test_a_killed_xdist_worker_is_reaped_by_the_next_run(
 ) -> None:
     process, run = start_holding_run(pytester, private_state_dir, "-n", "1")
     workers = psutil.Process(process.pid).children(recursive=True)
-    worker = next(w for w in workers if "python" in w.name())
-    worker.send_signal(signal.SIGKILL)
+    # The controller first: alive, it would start a new worker, whose session
+    # would reap the dead worker's bottle before the next run could.
     process.send_signal(signal.SIGKILL)
+    for worker in workers:
+        worker.send_signal(signal.SIGKILL)
     process.communicate(timeout=60)
     assert names_of(run), "the killed worker left nothing to reap"
 

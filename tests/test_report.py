@@ -529,7 +529,7 @@ class StubBackend:
 
     requirements = check = start = stop = remove = leftovers = unused
     exec = prober_command = effective_allowlist = unused
-    host_side_addresses = attach = unused
+    host_side_addresses = attach = agent_loopback = unused
 
 
 @pytest.fixture
