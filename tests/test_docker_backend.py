@@ -33,7 +33,7 @@ from bottle.backends.docker import (
     network_name,
     table_name,
 )
-from bottle.errors import BackendUnavailable, BottleStartError, BottleUsageError
+from bottle.errors import BackendUnavailable, BottleUsageError
 from bottle.launcher import Launcher
 from bottle.listeners import ListenerHub
 from bottle.matrix import judge, plan_targets
@@ -371,10 +371,8 @@ def test_a_failed_start_leaves_nothing_and_never_pulls(
     launcher: Launcher, backend: DockerBackend
 ) -> None:
     spec = BottleSpec("a", agent=AgentSpec(image="bottle-no-such-image:never"))
-    started = time.monotonic()
-    with pytest.raises(BottleStartError, match="bottle-no-such-image"):
+    with pytest.raises(BottleUsageError, match=r"bottle-no-such-image.*never pulls"):
         launcher.start(spec)
-    assert time.monotonic() - started < 20
     bottle_id = launcher.bottle_id("a")
     assert bottle_id not in backend.leftovers()
     assert table_name(bottle_id) not in _nft_tables()

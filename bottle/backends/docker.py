@@ -575,6 +575,7 @@ class DockerBackend:
             probe_image = images.ensure_image(client, self.cache_dir)
         agent_image = bottle.spec.agent.image or self.default_image or probe_image
         handle["image"] = agent_image
+        self._require_local_image(agent_image)
 
         if self.gateway_rule:
             self._load_rules(bottle_id, handle["bridges"])
@@ -699,6 +700,19 @@ class DockerBackend:
                     f"address {address or 'none'}): " + _tail(container.logs()),
                 )
             time.sleep(0.02)
+
+    def _require_local_image(self, image: str) -> None:
+        """Refuse, before creating anything, an image this engine does not have."""
+        import docker.errors
+
+        try:
+            self._client().images.get(image)
+        except docker.errors.ImageNotFound:
+            raise BottleUsageError(
+                f"agent image {image!r}",
+                "is not on this Docker engine, and bot-bottle never pulls; "
+                "build or load it first (docker build, docker load)",
+            ) from None
 
     def _start_agent(
         self,
