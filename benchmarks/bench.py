@@ -133,10 +133,10 @@ def bare_docker_cycle(count: int) -> float:
     """Per bottle: two networks, an agent and a bundle container, then remove."""
     import docker
 
-    from bottle.images import ensure_probe_image
+    from bottle import images
 
     client = docker.from_env()
-    image = ensure_probe_image(client)
+    image = images.ensure_image(client, Path(tempfile.gettempdir()) / "bottle-bench")
 
     def make(index: int) -> None:
         internal = client.networks.create(f"bench-{index}-int", internal=True)

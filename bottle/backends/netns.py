@@ -269,16 +269,16 @@ class NetnsBackend:
         run_host_command(
             ["nft", "delete", "table", "inet", table_name(bottle_id)], check=False
         )
-        # Deleting the host end first destroys the pair at once; a namespace's
-        # veth would otherwise linger until the kernel finishes with it.
-        subprocess.run(
-            ["ip", "-force", "-batch", "-"],
-            input=f"link delete {host_veth_name(bottle_id)}\n"
-            f"netns delete {netns_name(bottle_id)}\n",
-            capture_output=True,
-            text=True,
-            check=False,
+        # The veth pair dies with its namespace (the kernel finishes that in
+        # the background); only a start cut short between the two can leave
+        # the host end alone, and then it is deleted by name.
+        deleted = run_host_command(
+            ["ip", "netns", "delete", netns_name(bottle_id)], check=False
         )
+        if deleted.returncode != 0:
+            run_host_command(
+                ["ip", "link", "delete", host_veth_name(bottle_id)], check=False
+            )
 
     def leftovers(self) -> set[str]:
         found = set()
