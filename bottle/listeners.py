@@ -83,6 +83,9 @@ class Listener:
     def saw_nonce(self, nonce: str) -> bool:
         return any(nonce in touch.nonce for touch in self.touches)
 
+    def refresh(self) -> None:
+        """Nothing to do: touches are recorded as they happen."""
+
     def __repr__(self) -> str:
         return f"<Listener {self.label} {self.proto} {self.host}:{self.port}>"
 

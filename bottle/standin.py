@@ -59,6 +59,9 @@ class FileWitness:
             return False
         return any(nonce in line.split(" ", 1)[0] for line in text.splitlines())
 
+    def refresh(self) -> None:
+        """Nothing to do: the log file is read on every question."""
+
 
 @dataclasses.dataclass
 class StandIn:

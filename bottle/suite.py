@@ -13,7 +13,7 @@ import ipaddress
 import logging
 import random
 import socket
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import psutil
 
@@ -340,8 +340,20 @@ def probe_all(
             for bottle in bottles
         }
         results = {bottle_id: future.result() for bottle_id, future in futures.items()}
+    witnesses = {
+        bottle.bottle_id: witnesses_for(bottles, plans[bottle.bottle_id], plan)
+        for bottle in bottles
+    }
+    _refresh_all(witnesses.values())
     for bottle in bottles:
-        targets = plans[bottle.bottle_id]
-        witnesses: Mapping[str, NonceWitness] = witnesses_for(bottles, targets, plan)
-        matrix.add(judge(bottle.name, results[bottle.bottle_id], witnesses))
+        matrix.add(
+            judge(bottle.name, results[bottle.bottle_id], witnesses[bottle.bottle_id])
+        )
     return matrix
+
+
+def _refresh_all(tables: Iterable[Mapping[str, NonceWitness]]) -> None:
+    """Let every far side take in what it logged, each once, all at once."""
+    unique = {id(w): w for table in tables for w in table.values()}
+    with concurrent.futures.ThreadPoolExecutor(max_workers=16) as executor:
+        list(executor.map(lambda witness: witness.refresh(), unique.values()))

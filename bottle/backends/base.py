@@ -44,6 +44,11 @@ class NonceWitness(Protocol):
 
     def saw_nonce(self, nonce: str) -> bool: ...
 
+    def refresh(self) -> None:
+        """Take in everything logged so far; called once after a round of
+        probes, so that judging many cells reads the far side once."""
+        ...
+
 
 @dataclasses.dataclass
 class Bottle:

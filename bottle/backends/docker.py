@@ -197,17 +197,26 @@ class ContainerLogWitness:
     def __init__(self, client: Any, container: str) -> None:
         self.client = client
         self.container = container
+        #: Nonces of the log as of the last :meth:`refresh`, if one was asked.
+        self._snapshot: set[str] | None = None
 
     def saw_nonce(self, nonce: str) -> bool:
-        if self._logged(nonce):
+        if self._snapshot is not None:
+            return nonce in self._snapshot
+        if nonce in self._nonces():
             return True
         time.sleep(LOG_GRACE_SECONDS)
-        return self._logged(nonce)
+        return nonce in self._nonces()
 
-    def _logged(self, nonce: str) -> bool:
+    def refresh(self) -> None:
+        # Docker copies a container's output to its log asynchronously.
+        time.sleep(LOG_GRACE_SECONDS)
+        self._snapshot = self._nonces()
+
+    def _nonces(self) -> set[str]:
         output = self.client.api.logs(self.container, stdout=True, stderr=False)
         text = output.decode(errors="replace")
-        return any(line.split(" ", 1)[0] == nonce for line in text.splitlines())
+        return {line.split(" ", 1)[0] for line in text.splitlines()}
 
     def __repr__(self) -> str:
         return f"<ContainerLogWitness {self.container}>"
