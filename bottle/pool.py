@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -39,6 +40,18 @@ LOOPBACK_BROADCAST = ipaddress.IPv4Address("127.255.255.255")
 
 #: How long a process waits for another one to finish with the lease file.
 LOCK_TIMEOUT_SECONDS = 30.0
+
+#: How often a process waiting for another one's file lock tries again.
+_LOCK_POLL_SECONDS = 0.005
+
+_THREAD_LOCKS: dict[str, threading.RLock] = {}
+_THREAD_LOCKS_GUARD = threading.Lock()
+
+
+def _thread_lock_for(path: str) -> threading.RLock:
+    with _THREAD_LOCKS_GUARD:
+        return _THREAD_LOCKS.setdefault(path, threading.RLock())
+
 
 #: Process start times are compared to this many decimals (psutil's
 #: ``create_time`` is derived from clock ticks and is stable to 10 ms).
@@ -221,7 +234,12 @@ class AliasPool:
         """Hold the lock and yield the leases by alias; changes are saved."""
         self.state_dir.mkdir(parents=True, exist_ok=True)
         try:
-            with self._lock:
+            # Threads of this process queue on a plain lock first, so the file
+            # lock is only contended between processes.
+            with (
+                _thread_lock_for(self._lock.lock_file),
+                self._lock.acquire(poll_interval=_LOCK_POLL_SECONDS),
+            ):
                 leases = self._read()
                 before = dict(leases)
                 yield leases
