@@ -1,7 +1,7 @@
 """The probe image, built here from source: no registry, no pull.
 
 The image is a busybox-static root filesystem plus the project's static C
-prober (``prober/bottle-probe.c``) at ``/usr/local/bin/bottle-probe``,
+prober (``bottle/bottle-probe.c``) at ``/usr/local/bin/bottle-probe``,
 imported with ``docker import``.  Its tag is a hash of the prober's source
 and of this recipe, so a changed prober gets a new image and an unchanged one
 is reused as it is.  Building needs ``gcc`` with a static C library and
@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 IMAGE_REPOSITORY = "bottle-probe"
 PROBER_IN_IMAGE = "/usr/local/bin/bottle-probe"
-PROBER_SOURCE = Path(__file__).resolve().parent.parent / "prober" / "bottle-probe.c"
+PROBER_SOURCE = Path(__file__).resolve().parent / "bottle-probe.c"
 
 #: Bump when the layout of the image changes, so that its tag changes too.
 RECIPE_VERSION = "1"
@@ -67,7 +67,7 @@ def image_tag(source: Path | None = None) -> str:
         raise ImageBuildError(
             f"{IMAGE_REPOSITORY}:?",
             f"the prober source {path} is missing; set BOTTLE_PROBER_SOURCE to "
-            "a checkout's prober/bottle-probe.c",
+            "the package's bottle/bottle-probe.c",
         ) from None
     digest = hashlib.sha256(text + b"\0recipe " + RECIPE_VERSION.encode())
     return f"{IMAGE_REPOSITORY}:{digest.hexdigest()[:12]}"

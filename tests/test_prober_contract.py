@@ -42,7 +42,7 @@ needs_netns = pytest.mark.skipif(
 pytestmark = pytest.mark.skipif(
     shutil.which("gcc") is None or not images.static_libc_present(),
     reason="needs gcc and a static C library (Debian: gcc libc6-dev) to build "
-    "prober/bottle-probe.c",
+    "bottle/bottle-probe.c",
 )
 
 

@@ -12,7 +12,7 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 from bottle.errors import BottleUsageError, CommandFailed
 from bottle.listeners import Listener, ListenerHub
 from bottle.pool import Lease
-from bottle.spec import BottleSpec
+from bottle.spec import ALIAS_ENTRY, AgentSpec, BottleSpec, BundleService
 
 log = logging.getLogger(__name__)
 
@@ -168,6 +168,29 @@ class Backend(Protocol):
     def attach(self, lease: Lease) -> Bottle:
         """Rebuild a bottle handle from its lease (another process's bottle)."""
         ...
+
+
+def bottle_from_lease(lease: Lease, backend: str, agent: AgentSpec) -> Bottle:
+    """Rebuild a bottle of a host-served bundle from what its lease recorded."""
+    handle = dict(lease.handle)
+    ports = {str(k): int(v) for k, v in handle.get("bundle_ports", {}).items()}
+    spec = BottleSpec(
+        name=lease.bottle_id.split("-", 1)[-1],
+        bundle=tuple(BundleService(name, port) for name, port in ports.items()),
+        allowlist=tuple(handle.get("allowlist", [ALIAS_ENTRY])),
+        agent=agent,
+        backend=backend,
+    )
+    return Bottle(
+        spec=spec,
+        bottle_id=lease.bottle_id,
+        alias=lease.alias,
+        allowlist=list(handle.get("allowlist_cidrs", [])),
+        backend=backend,
+        bundle_ports=ports,
+        handle=handle,
+        facts=dict(handle.get("facts", {})),
+    )
 
 
 def run_host_command(

@@ -104,7 +104,7 @@ LOG_GRACE_SECONDS = 0.05
 OPTIONS = {
     "image": (
         "image for the agent and non-echo bundle services when the spec names "
-        "none (default: the probe image, built here from prober/bottle-probe.c)"
+        "none (default: the probe image, built here from bottle/bottle-probe.c)"
     ),
     # The options below weaken isolation on purpose.  They exist for the
     # negative controls, which prove that each probe can see its leak.

@@ -31,16 +31,11 @@ import os
 import platform
 import pwd
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
-
-import psutil
 
 from bottle import forwarding
 from bottle.backends.base import (
@@ -48,13 +43,15 @@ from bottle.backends.base import (
     Bottle,
     ExecResult,
     Requirement,
+    bottle_from_lease,
     reject_unknown_options,
     run_host_command,
 )
+from bottle.bundle import start_host_bundle, stop_commands, stop_host_bundle
 from bottle.errors import BackendUnavailable, BottleStartError, BottleUsageError
 from bottle.listeners import ListenerHub
-from bottle.pool import Lease, Owner
-from bottle.spec import BottleSpec, BundleService
+from bottle.pool import Lease
+from bottle.spec import AgentSpec, BottleSpec
 
 log = logging.getLogger(__name__)
 
@@ -250,10 +247,7 @@ class NetnsBackend:
         return bottle
 
     def stop(self, bottle: Bottle, hub: ListenerHub | None) -> None:
-        if hub is not None:
-            for listener in bottle.bundle_listeners.values():
-                hub.close(listener)
-        bottle.bundle_listeners.clear()
+        stop_host_bundle(bottle, hub)
         self.remove(bottle.bottle_id, bottle.handle)
 
     def remove(self, bottle_id: str, handle: Mapping[str, Any]) -> None:
@@ -261,11 +255,7 @@ class NetnsBackend:
         # a bottle that opened one, or one known by its id alone, needs it.
         if handle.get("forwarding", True):
             forwarding.close(bottle_id)
-        for pid, started in handle.get("service_pids", []):
-            # A recorded pid may have been reused since; only the very process
-            # that was started (same start time) is stopped.
-            if Owner(int(pid), float(started)).is_alive():
-                _terminate(int(pid))
+        stop_commands(handle)
         run_host_command(
             ["nft", "delete", "table", "inet", table_name(bottle_id)], check=False
         )
@@ -308,26 +298,8 @@ class NetnsBackend:
         return "::1"
 
     def attach(self, lease: Lease) -> Bottle:
-        from bottle.spec import AgentSpec
-
-        handle = dict(lease.handle)
-        ports = {str(k): int(v) for k, v in handle.get("bundle_ports", {}).items()}
-        spec = BottleSpec(
-            name=lease.bottle_id.split("-", 1)[-1],
-            bundle=tuple(BundleService(name, port) for name, port in ports.items()),
-            allowlist=tuple(handle.get("allowlist", ["alias"])),
-            agent=AgentSpec(user=str(handle.get("agent_user", "nobody"))),
-            backend=self.name,
-        )
-        return Bottle(
-            spec=spec,
-            bottle_id=lease.bottle_id,
-            alias=lease.alias,
-            allowlist=list(handle.get("allowlist_cidrs", [])),
-            backend=self.name,
-            bundle_ports=ports,
-            handle=handle,
-        )
+        agent = AgentSpec(user=str(lease.handle.get("agent_user", "nobody")))
+        return bottle_from_lease(lease, self.name, agent)
 
     # -- inside the bottle ---------------------------------------------------
 
@@ -510,25 +482,8 @@ table inet {table} {{
         )
 
     def _start_bundle(self, bottle: Bottle, hub: ListenerHub) -> None:
-        for service in bottle.spec.bundle:
-            if service.is_echo:
-                listener = hub.listen(
-                    "0.0.0.0" if self.leaks.bundle_on_all_addresses else bottle.alias,
-                    service.port,
-                    label=f"bundle {bottle.name}/{service.name}",
-                )
-                bottle.bundle_listeners[service.name] = listener
-                bottle.bundle_witnesses[service.name] = listener
-                bottle.bundle_ports[service.name] = listener.port
-            else:
-                port = service.port or _free_port(bottle.alias)
-                process = _start_service(service, bottle.alias, port)
-                owner = Owner.of_pid(process.pid)
-                bottle.handle["service_pids"].append([owner.pid, owner.started])
-                bottle.bundle_ports[service.name] = port
-        bottle.handle["bundle_ports"] = dict(bottle.bundle_ports)
-        bottle.handle["allowlist"] = list(bottle.spec.allowlist)
-        bottle.handle["allowlist_cidrs"] = list(bottle.allowlist)
+        every = "0.0.0.0" if self.leaks.bundle_on_all_addresses else None
+        start_host_bundle(bottle, hub, bind_address=every)
 
 
 def _agent_ids(user: str) -> tuple[int, int]:
@@ -573,50 +528,6 @@ def _element_cidr(element: Any) -> str:
         first, last = element["range"]
         return f"{first}-{last}"
     return str(ipaddress.ip_network(str(element)))
-
-
-def _free_port(host: str) -> int:
-    with socket.socket() as probe:
-        probe.bind((host, 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
-def _start_service(
-    service: BundleService, alias: str, port: int
-) -> subprocess.Popen[bytes]:
-    argv = [part.format(alias=alias, port=port) for part in service.command]
-    env = dict(os.environ, BOTTLE_ALIAS=alias, BOTTLE_PORT=str(port))
-    process = subprocess.Popen(
-        argv,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise BottleStartError(
-                service.name, f"bundle command exited {process.returncode}: {argv}"
-            )
-        with socket.socket() as probe:
-            probe.settimeout(0.2)
-            if probe.connect_ex((alias, port)) == 0:
-                return process
-        time.sleep(0.05)
-    _terminate(process.pid)
-    raise BottleStartError(
-        service.name, f"bundle command did not listen on {alias}:{port} in 10 s"
-    )
-
-
-def _terminate(pid: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pid, signal.SIGTERM)
-    with contextlib.suppress(psutil.Error):
-        psutil.Process(pid).wait(timeout=5)
 
 
 def _text(value: bytes | str | None) -> str:

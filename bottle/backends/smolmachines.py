@@ -59,9 +59,10 @@ from bottle.backends.base import (
     Bottle,
     ExecResult,
     Requirement,
+    bottle_from_lease,
     reject_unknown_options,
 )
-from bottle.backends.netns import _free_port, _start_service, _terminate
+from bottle.bundle import start_host_bundle, stop_commands, stop_host_bundle
 from bottle.errors import (
     BackendUnavailable,
     BottleError,
@@ -72,7 +73,7 @@ from bottle.listeners import ListenerHub
 from bottle.pool import Lease
 from bottle.smolvm import Smolvm, SmolvmCommandError, SmolvmUnusable, SmolvmVersion
 from bottle.smolvm_db import SmolvmDb, resolve_db_path
-from bottle.spec import BottleSpec, BundleService
+from bottle.spec import AgentSpec, BottleSpec
 
 log = logging.getLogger(__name__)
 
@@ -238,15 +239,11 @@ class SmolmachinesBackend:
         return bottle
 
     def stop(self, bottle: Bottle, hub: ListenerHub | None) -> None:
-        if hub is not None:
-            for listener in bottle.bundle_listeners.values():
-                hub.close(listener)
-        bottle.bundle_listeners.clear()
+        stop_host_bundle(bottle, hub)
         self.remove(bottle.bottle_id, bottle.handle)
 
     def remove(self, bottle_id: str, handle: Mapping[str, Any]) -> None:
-        for pid in handle.get("service_pids", []):
-            _terminate(int(pid))
+        stop_commands(handle)
         machine = str(handle.get("machine") or machine_name(bottle_id))
         smolvm = self._driver_for(handle)
         if smolvm is None:
@@ -283,27 +280,7 @@ class SmolmachinesBackend:
         return "::1"
 
     def attach(self, lease: Lease) -> Bottle:
-        from bottle.spec import AgentSpec
-
-        handle = dict(lease.handle)
-        ports = {str(k): int(v) for k, v in handle.get("bundle_ports", {}).items()}
-        spec = BottleSpec(
-            name=lease.bottle_id.split("-", 1)[-1],
-            bundle=tuple(BundleService(name, port) for name, port in ports.items()),
-            allowlist=tuple(handle.get("allowlist", ["alias"])),
-            agent=AgentSpec(),
-            backend=self.name,
-        )
-        return Bottle(
-            spec=spec,
-            bottle_id=lease.bottle_id,
-            alias=lease.alias,
-            allowlist=list(handle.get("allowlist_cidrs", [])),
-            backend=self.name,
-            bundle_ports=ports,
-            handle=handle,
-            facts=dict(handle.get("facts", {})),
-        )
+        return bottle_from_lease(lease, self.name, AgentSpec())
 
     # -- inside the bottle ---------------------------------------------------
 
@@ -375,24 +352,7 @@ class SmolmachinesBackend:
         }
 
     def _start_bundle(self, bottle: Bottle, hub: ListenerHub) -> None:
-        for service in bottle.spec.bundle:
-            if service.is_echo:
-                listener = hub.listen(
-                    bottle.alias,
-                    service.port,
-                    label=f"bundle {bottle.name}/{service.name}",
-                )
-                bottle.bundle_listeners[service.name] = listener
-                bottle.bundle_witnesses[service.name] = listener
-                bottle.bundle_ports[service.name] = listener.port
-            else:
-                port = service.port or _free_port(bottle.alias)
-                process = _start_service(service, bottle.alias, port)
-                bottle.handle["service_pids"].append(process.pid)
-                bottle.bundle_ports[service.name] = port
-        bottle.handle["bundle_ports"] = dict(bottle.bundle_ports)
-        bottle.handle["allowlist"] = list(bottle.spec.allowlist)
-        bottle.handle["allowlist_cidrs"] = list(bottle.allowlist)
+        start_host_bundle(bottle, hub)
         bottle.handle["facts"] = bottle.facts
 
     def _driver_for(self, handle: Mapping[str, Any]) -> Smolvm | None:
