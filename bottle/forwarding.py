@@ -103,6 +103,37 @@ def own_route_device(destination: str) -> str | None:
     return device
 
 
+def own_destinations_within(allowlist: Sequence[str]) -> list[str]:
+    """The parts of ``allowlist`` the host routes through the project's own veths.
+
+    A wide allowed network (``198.51.100.0/24``) yields the narrower routes of
+    our veths inside it (the stand-in's host routes), and an allowed network
+    inside such a route yields itself; loopback and IPv6 yield nothing.
+    """
+    allowed = [
+        network
+        for network in map(ipaddress.ip_network, allowlist)
+        if isinstance(network, ipaddress.IPv4Network) and not network.is_loopback
+    ]
+    found: list[ipaddress.IPv4Network] = []
+    for route in _json(["ip", "-j", "-4", "route", "show", "table", "main"]) or []:
+        dst = str(route.get("dst", ""))
+        own = str(route.get("dev", "")).startswith(OWN_DEVICE_PREFIXES)
+        if not own or route.get("gateway") or dst in ("", "default"):
+            continue
+        held = ipaddress.IPv4Network(dst, strict=False)
+        for network in allowed:
+            if held.subnet_of(network):
+                found.append(held)
+            elif network.subnet_of(held):
+                found.append(network)
+    return [
+        str(network)
+        for network in ipaddress.collapse_addresses(found)
+        if own_route_device(str(network)) is not None
+    ]
+
+
 def open_path(label: str, inbound: str, destinations: Sequence[str]) -> ForwardPath:
     """Let the host forward ``inbound``'s packets to ``destinations`` and back.
 
@@ -361,5 +392,6 @@ __all__ = [
     "close",
     "leftovers",
     "open_path",
+    "own_destinations_within",
     "own_route_device",
 ]

@@ -198,3 +198,26 @@ def test_a_destination_not_behind_our_own_veth_is_refused(
     assert out.startswith("BottleUsageError forwarding destination"), out
     assert out.endswith("[]")
     assert "bot-bottle-fwd" not in scratch.rules()
+
+
+def test_a_wide_allowlist_is_narrowed_to_the_routes_behind_our_veths(
+    scratch: Scratch,
+) -> None:
+    """A bottle allowed 198.51.100.0/24 is forwarded to the stand-in's /32 only."""
+    out = scratch.forwarding(
+        "print(json.dumps([\n"
+        "    f.own_destinations_within(['198.51.100.0/24', '127.0.0.16/32']),\n"
+        f"    f.own_destinations_within(['{SERVER}/32']),\n"
+        "    f.own_destinations_within(['100.64.9.0/24', '8.8.8.8/32', '::/0']),\n"
+        "]))"
+    )
+    wide, exact, uplink = json.loads(out)
+    assert wide == [f"{SERVER}/32"]
+    assert exact == [f"{SERVER}/32"]
+    assert uplink == []
+
+    scratch.forwarding(f"f.open_path('bbfake-t3', 'bbhtest', {wide!r})")
+    try:
+        assert scratch.connects()
+    finally:
+        scratch.forwarding("f.close('bbfake-t3')")

@@ -458,12 +458,7 @@ table inet {table} {{
         # veths (the outside stand-in) must really be reached, as under TSI.
         # Anything else beyond loopback is routed to the host and rejected
         # there: a bottle is never forwarded towards an uplink.
-        behind_our_veths = [
-            cidr
-            for cidr in allowlist
-            if not ipaddress.ip_network(cidr).is_loopback
-            and forwarding.own_route_device(cidr) is not None
-        ]
+        behind_our_veths = forwarding.own_destinations_within(allowlist)
         return bool(behind_our_veths) and bool(
             forwarding.open_path(bottle_id, veth, behind_our_veths)
         )
