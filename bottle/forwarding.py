@@ -147,7 +147,7 @@ def open_path(label: str, inbound: str, destinations: Sequence[str]) -> ForwardP
             f"forwarding label {label!r}", "use up to 64 letters, digits and dashes"
         )
     routes = []
-    depended = _addresses_this_host_depends_on()
+    depended = addresses_this_host_depends_on()
     for destination in destinations:
         network = ipaddress.ip_network(destination, strict=False)
         device = own_route_device(destination)
@@ -339,15 +339,19 @@ def _uplinks() -> list[str]:
     return sorted(devices)
 
 
-def _addresses_this_host_depends_on() -> set[str]:
-    """Gateways, source addresses of other devices' routes, resolvers, hosts."""
+def addresses_this_host_depends_on() -> set[str]:
+    """IPv4 addresses this host needs: gateways, link sources, resolvers, hosts.
+
+    Routes through the project's own veths do not count (another run's
+    stand-in is not something the host depends on); loopback never does.
+    """
     found: set[str] = set()
     for route in _json(["ip", "-j", "-4", "route", "show", "table", "all"]) or []:
-        if "gateway" in route:
-            found.add(str(route["gateway"]))
-        own = str(route.get("dev", "")).startswith(OWN_DEVICE_PREFIXES)
-        if "prefsrc" in route and not own:
-            found.add(str(route["prefsrc"]))
+        if str(route.get("dev", "")).startswith(OWN_DEVICE_PREFIXES):
+            continue
+        for key in ("gateway", "prefsrc"):
+            if key in route:
+                found.add(str(route[key]))
     for path, keyword in (("/etc/resolv.conf", "nameserver"), ("/etc/hosts", "")):
         with contextlib.suppress(OSError):
             for line in Path(path).read_text(encoding="utf-8").splitlines():
@@ -389,6 +393,7 @@ def _run(argv: list[str], text: str = "") -> None:
 
 __all__ = [
     "ForwardPath",
+    "addresses_this_host_depends_on",
     "close",
     "leftovers",
     "open_path",

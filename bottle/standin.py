@@ -18,7 +18,6 @@ import contextlib
 import dataclasses
 import hashlib
 import ipaddress
-import json
 import logging
 import os
 import subprocess
@@ -26,6 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from bottle.errors import BottleUsageError, CommandFailed
+from bottle.forwarding import addresses_this_host_depends_on
 from bottle.listeners import Listener, ListenerHub
 from bottle.pool import AliasPool
 from bottle.runs import RunRegistry
@@ -35,7 +35,6 @@ log = logging.getLogger(__name__)
 STANDIN_PREFIX = "bs-"
 _STANDIN_VETH_PREFIX = "bsh"
 _INNER_VETH = "bs0"
-_OWN_DEVICE_PREFIXES = ("bsh", "bbh")
 
 
 def standin_netns(run: str) -> str:
@@ -201,7 +200,7 @@ def _host_side_address(
 
 def _refuse_used_address(address: str) -> None:
     target = ipaddress.IPv4Address(address)
-    for used in _addresses_this_host_depends_on():
+    for used in addresses_this_host_depends_on():
         if target in ipaddress.IPv4Network(f"{used}/24", strict=False):
             raise BottleUsageError(
                 f"egress stand-in address {address}",
@@ -213,48 +212,6 @@ def _refuse_used_address(address: str) -> None:
         raise BottleUsageError(
             "egress stand-in", "needs root to create a network namespace"
         )
-
-
-def _addresses_this_host_depends_on() -> set[str]:
-    """Addresses of this host's links and routes, resolver and /etc/hosts."""
-    found: set[str] = set()
-    routes = subprocess.run(
-        ["ip", "-j", "-4", "route", "show", "table", "all"],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    with contextlib.suppress(ValueError):
-        for route in json.loads(routes.stdout or "[]"):
-            if str(route.get("dev", "")).startswith(_OWN_DEVICE_PREFIXES):
-                continue  # the project's own veths, e.g. another stand-in
-            for key in ("gateway", "prefsrc"):
-                if key in route:
-                    found.add(route[key])
-    for path, pattern in (
-        ("/etc/resolv.conf", "nameserver"),
-        ("/etc/hosts", ""),
-    ):
-        with contextlib.suppress(OSError):
-            for line in Path(path).read_text(encoding="utf-8").splitlines():
-                fields = line.split("#", 1)[0].split()
-                if pattern and fields[:1] == [pattern] and len(fields) > 1:
-                    found.add(fields[1])
-                elif not pattern and fields:
-                    found.add(fields[0])
-    return {
-        address
-        for address in found
-        if _is_ipv4(address) and not ipaddress.IPv4Address(address).is_loopback
-    }
-
-
-def _is_ipv4(text: str) -> bool:
-    try:
-        ipaddress.IPv4Address(text)
-    except ValueError:
-        return False
-    return True
 
 
 def _run(argv: list[str], text: str, what: str = "") -> None:
