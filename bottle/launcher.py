@@ -10,9 +10,13 @@ what crashed runs left behind.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import logging
 import secrets
-from collections.abc import Sequence
+import signal
+import threading
+from collections.abc import Iterator, Sequence
+from types import FrameType
 
 from bottle.backends import Backend, Bottle
 from bottle.errors import BottleError
@@ -22,6 +26,35 @@ from bottle.runs import RunRegistry, run_of
 from bottle.spec import BottleSpec
 
 log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def interrupts_deferred() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM until the block is done, then deliver them.
+
+    A teardown cut short half-way can leave a namespace whose rules are
+    already gone: an unfiltered bottle.  Stopping takes milliseconds per
+    bottle, so the user's Ctrl-C waits for it and then acts as usual.
+    Only the main thread can handle signals; elsewhere this does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+
+    def hold(signum: int, frame: FrameType | None) -> None:
+        log.warning("signal %d received: finishing the teardown first", signum)
+        received.append(signum)
+
+    held = (signal.SIGINT, signal.SIGTERM)
+    previous = {signum: signal.signal(signum, hold) for signum in held}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        if received:
+            signal.raise_signal(received[0])
 
 
 def new_run_label() -> str:
@@ -105,26 +138,36 @@ class Launcher:
         return [future.result() for future in futures]
 
     def stop(self, bottle: Bottle) -> None:
-        """Stop a bottle this launcher started and give its alias back."""
-        try:
+        """Stop a bottle this launcher started and give its alias back.
+
+        The alias is given back only once the backend has removed everything:
+        a bottle whose removal failed keeps its lease, so that the reaper
+        finishes the job once this process is gone.
+        """
+        with interrupts_deferred():
             self.backend.stop(bottle, self.hub)
-        finally:
             self.pool.release(bottle.bottle_id)
             self.bottles.pop(bottle.bottle_id, None)
-            log.info("stopped bottle %s", bottle.bottle_id)
+        log.info("stopped bottle %s", bottle.bottle_id)
 
     def stop_all(self) -> None:
-        """Stop every bottle this launcher started, even if some fail."""
+        """Stop every bottle this launcher started, even if some fail.
+
+        The run leaves the host-wide registry only when nothing of it is
+        left; otherwise the reaper needs the record to find the leftovers.
+        """
         errors: list[BaseException] = []
-        bottles = list(self.bottles.values())
-        with concurrent.futures.ThreadPoolExecutor(max_workers=8) as executor:
-            for future in [executor.submit(self.stop, b) for b in bottles]:
-                if future.exception() is not None:
-                    errors.append(future.exception())  # type: ignore[arg-type]
-        if self._owns_hub:
-            self.hub.shutdown()
-        if not errors:
-            self.registry.unregister(self.run)
+        with interrupts_deferred():
+            bottles = list(self.bottles.values())
+            with concurrent.futures.ThreadPoolExecutor(max_workers=8) as executor:
+                for future in [executor.submit(self.stop, b) for b in bottles]:
+                    error = future.exception()
+                    if error is not None:
+                        errors.append(error)
+            if self._owns_hub:
+                self.hub.shutdown()
+            if not errors and not self.bottles:
+                self.registry.unregister(self.run)
         if errors:
             raise errors[0]
 

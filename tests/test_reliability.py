@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -88,6 +89,48 @@ def test_an_interrupted_run_tears_everything_down(
     assert process.returncode != 0
     assert "KeyboardInterrupt" in output or "Interrupted" in output, output
     assert names_of(run) == []
+    assert (private_state_dir / "leases.json").read_text().strip() == "[]"
+
+
+INTERRUPTED_TEARDOWN = """
+import os
+import signal
+
+from bottle.backends import netns
+
+_remove = netns.NetnsBackend.remove
+
+
+def remove(self, bottle_id, handle):
+    # Ctrl-C arrives while the bottles are being removed.
+    os.kill(os.getpid(), signal.SIGINT)
+    _remove(self, bottle_id, handle)
+
+
+netns.NetnsBackend.remove = remove
+
+
+def test_four(bottle_factory):
+    bottles = bottle_factory.start_many([bottle_factory.spec(n) for n in "wxyz"])
+    for bottle in bottles[:2]:
+        bottle_factory.stop(bottle)
+"""
+
+
+@needs_root_netns
+def test_an_interrupt_during_teardown_waits_for_it_to_finish(
+    pytester: pytest.Pytester, private_state_dir: Path
+) -> None:
+    """A teardown cut short once left a namespace with its rules gone."""
+    pytester.makepyfile(test_four=INTERRUPTED_TEARDOWN)
+    result = pytester.runpytest_subprocess(f"--bottle-pool={POOL}", "-s")
+
+    output = result.stdout.str() + result.stderr.str()
+    assert result.ret != 0
+    assert "KeyboardInterrupt" in output, output
+    run = re.search(r"bot-bottle: backend netns, run (\w+)", output)
+    assert run is not None, output
+    assert names_of(run.group(1)) == []
     assert (private_state_dir / "leases.json").read_text().strip() == "[]"
 
 
