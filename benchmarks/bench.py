@@ -34,6 +34,7 @@ from pathlib import Path
 
 from bottle import AliasPool, AliasRange, BottleSpec, Launcher
 from bottle.backends import Backend, BackendConfig, load_backend
+from bottle.errors import BackendUnavailable
 from bottle.listeners import ListenerHub
 from bottle.standin import start_standin, stop_standin
 from bottle.suite import (
@@ -262,7 +263,11 @@ def main() -> int:
 
     for name in args.backends.split(","):
         backend = load_backend(name, BackendConfig(state))
-        backend.check()
+        try:
+            backend.check()
+        except BackendUnavailable as exc:
+            print(f"\n{name}: not measured: {exc}")
+            continue
         rows = []
         for count in COUNTS:
             bare = best_of(args.repeat, functools.partial(BARE[name], count))

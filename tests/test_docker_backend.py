@@ -10,7 +10,11 @@ from __future__ import annotations
 
 import concurrent.futures
 import io
+import os
+import re
+import socket
 import subprocess
+import sys
 import tarfile
 import time
 from collections.abc import Iterator
@@ -21,6 +25,7 @@ import pytest
 
 from bottle import images
 from bottle.backends import BackendConfig, Bottle, load_backend
+from bottle.backends import docker as docker_backend
 from bottle.backends.docker import (
     LABEL_BOTTLE,
     LABEL_RUN,
@@ -31,15 +36,16 @@ from bottle.backends.docker import (
     bundle_name,
     engine_problem,
     network_name,
+    refuse_other_allowlists,
     table_name,
 )
-from bottle.errors import BackendUnavailable, BottleUsageError
+from bottle.errors import BackendUnavailable, BottleStartError, BottleUsageError
 from bottle.launcher import Launcher
 from bottle.listeners import ListenerHub
 from bottle.matrix import judge, plan_targets
 from bottle.pool import AliasPool
 from bottle.probe import Outcome, Target, TargetKind, run_probes
-from bottle.spec import AgentSpec, BottleSpec
+from bottle.spec import AgentSpec, BottleSpec, BundleService
 
 #: A TEST-NET-2 address standing in for the internet; rejected on the host.
 STANDIN_EGRESS = ("198.51.100.53", 53)
@@ -160,6 +166,86 @@ def test_names_derive_from_the_bottle_id_and_fit_the_kernel() -> None:
     assert bundle_name("r-a", "echo") == "bb-r-a-bundle-echo"
     # The netns backend reaps every `inet bottle_*` table: never name one so.
     assert not table_name("r-a").startswith("bottle_")
+
+
+@pytest.mark.parametrize(
+    "allowlist",
+    [
+        ("alias", "127.0.0.1/32"),
+        ("127.0.0.1/32", "0.0.0.0/0"),
+        ("127.0.0.0/8",),
+        ("alias", "198.51.100.0/24"),
+        ("127.0.0.17/32",),
+    ],
+)
+def test_an_allowlist_beyond_the_alias_is_refused_in_one_line(
+    allowlist: tuple[str, ...],
+) -> None:
+    with pytest.raises(BottleUsageError) as caught:
+        refuse_other_allowlists(BottleSpec("a", allowlist=allowlist), "127.0.0.16")
+    message = str(caught.value)
+    assert "\n" not in message
+    refused = next(entry for entry in allowlist if entry != "alias")
+    assert message.startswith(f"allowlist entry {refused!r}: ")
+    assert "docker bottles support only the allowlist 'alias'" in message
+
+
+def test_an_empty_allowlist_is_refused_too() -> None:
+    with pytest.raises(BottleUsageError, match=r"^empty allowlist: docker bottles"):
+        refuse_other_allowlists(BottleSpec("a", allowlist=()), "127.0.0.16")
+
+
+@pytest.mark.parametrize(
+    "allowlist",
+    [("alias",), ("alias", "alias"), ("127.0.0.16",), ("alias", "127.0.0.16/32")],
+)
+def test_the_own_alias_in_any_spelling_is_taken(allowlist: tuple[str, ...]) -> None:
+    refuse_other_allowlists(BottleSpec("a", allowlist=allowlist), "127.0.0.16")
+
+
+def test_a_refused_allowlist_creates_nothing(
+    state: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    backend = _backend(state)
+
+    def no_engine() -> Any:
+        raise AssertionError("the engine was asked for a bottle that is refused")
+
+    monkeypatch.setattr(backend, "_client", no_engine)
+    launcher = Launcher(backend, AliasPool(state_dir=state))
+    try:
+        spec = BottleSpec("a", allowlist=("alias", "127.0.0.1/32"))
+        with pytest.raises(
+            BottleUsageError, match=re.escape("allowlist entry '127.0.0.1/32'")
+        ):
+            launcher.start(spec)
+        assert launcher.pool.leases() == []
+        assert launcher.bottles == {}
+    finally:
+        launcher.stop_all()
+
+
+def test_ports_chosen_for_two_bottles_differ_even_if_the_kernel_repeats(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The kernel picks free ports per address: two aliases may get the same.
+    offered = iter([41000, 41000, 41000, 41001, 41000])
+    monkeypatch.setattr(docker_backend, "free_port", lambda host: next(offered))
+    ports = docker_backend._PortReservations()
+    assert ports.choose("r-a", "127.0.0.16") == 41000
+    assert ports.choose("r-b", "127.0.0.17") == 41001
+    ports.release("r-a")
+    assert ports.choose("r-c", "127.0.0.18") == 41000
+
+
+def test_ports_give_up_in_one_line_when_every_offer_is_taken(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(docker_backend, "free_port", lambda host: 41000)
+    ports = docker_backend._PortReservations()
+    ports.hold("r-a", 41000)
+    with pytest.raises(BottleStartError, match=re.escape("no free port on 127.0.0.17")):
+        ports.choose("r-b", "127.0.0.17")
 
 
 # -- a real engine --------------------------------------------------------------
@@ -353,9 +439,9 @@ def test_two_agents_listen_on_one_loopback_port_each_their_own(
 
 @needs_engine
 def test_a_published_port_answers_on_the_alias_only(launcher: Launcher) -> None:
-    import socket
-
     bottle = launcher.start(BottleSpec("a"))
+    port = bottle.bundle_ports["echo"]
+    assert bottle.facts["published"]["echo"] == f"{bottle.alias}:{port}"
     alias, port_text = bottle.facts["published"]["echo"].split(":")
     with socket.create_connection((alias, int(port_text)), timeout=5) as stream:
         stream.sendall(b"hostside\n")
@@ -400,7 +486,8 @@ def test_attach_rebuilds_a_working_bottle(
     again = backend.attach(lease)
     assert again.bundle_host == bottle.bundle_host
     assert again.bundle_ports == bottle.bundle_ports
-    target = Target("bundle:a", TargetKind.OWN_BUNDLE, again.bundle_host, 7070)
+    port = again.bundle_ports["echo"]
+    target = Target("bundle:a", TargetKind.OWN_BUNDLE, again.bundle_host, port)
     [result] = run_probes(backend, again, [target])
     assert result.outcome is Outcome.CONNECTED
     assert again.bundle_witnesses["echo"].saw_nonce(result.nonce)
@@ -442,10 +529,96 @@ def test_another_agent_image_gets_the_prober(
             BottleSpec("plain", agent=AgentSpec(image="bottle-test-plain:1"))
         )
         assert bottle.facts["image"] == "bottle-test-plain:1"
-        target = Target("own", TargetKind.OWN_BUNDLE, bottle.bundle_host, 7070)
+        port = bottle.bundle_ports["echo"]
+        target = Target("own", TargetKind.OWN_BUNDLE, bottle.bundle_host, port)
         [result] = run_probes(backend, bottle, [target])
         assert result.outcome is Outcome.CONNECTED
         assert result.echoed
         launcher.stop(bottle)
     finally:
         _client().images.remove("bottle-test-plain:1", force=True)
+
+
+@needs_engine
+def test_bottles_get_distinct_ports_that_are_true_on_both_sides(
+    launcher: Launcher, backend: DockerBackend
+) -> None:
+    bottles = launcher.start_many([BottleSpec("a"), BottleSpec("b"), BottleSpec("c")])
+    ports = [bottle.bundle_ports["echo"] for bottle in bottles]
+    assert len(set(ports)) == len(ports)
+    for bottle, port in zip(bottles, ports, strict=True):
+        # The host reaches the bundle at the alias and the bundle's own port...
+        assert bottle.facts["published"]["echo"] == f"{bottle.alias}:{port}"
+        with socket.create_connection((bottle.alias, port), timeout=5) as stream:
+            stream.sendall(b"host-" + bottle.name.encode() + b"\n")
+            assert stream.makefile().readline().startswith("host-")
+        # ...and the agent at its container's address, on the same port.
+        assert bottle.handle["bundle_addresses"]["echo"] == (
+            f"{bottle.bundle_host}:{port}"
+        )
+        target = Target("own", TargetKind.OWN_BUNDLE, bottle.bundle_host, port)
+        [result] = run_probes(backend, bottle, [target])
+        assert result.outcome is Outcome.CONNECTED, result
+
+
+@needs_engine
+def test_a_port_the_spec_names_is_used_on_both_sides(launcher: Launcher) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        wanted = int(probe.getsockname()[1])
+    bottle = launcher.start(BottleSpec("a", bundle=(BundleService("echo", wanted),)))
+    assert bottle.bundle_ports == {"echo": wanted}
+    assert bottle.facts["published"]["echo"] == f"{bottle.alias}:{wanted}"
+
+
+@needs_engine
+def test_a_started_bottle_releases_its_ports(
+    launcher: Launcher, backend: DockerBackend
+) -> None:
+    bottle = launcher.start(BottleSpec("a"))
+    port = bottle.bundle_ports["echo"]
+    assert port in set().union(*docker_backend._PORTS._held.values())
+    launcher.stop(bottle)
+    assert bottle.bottle_id not in docker_backend._PORTS._held
+
+
+def _cli(state: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, BOTTLE_STATE_DIR=str(state))
+    return subprocess.run(
+        [sys.executable, "-m", "bottle.cli", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=False,
+    )
+
+
+@needs_engine
+def test_bottle_up_refuses_a_wider_allowlist_with_exit_4(state: Path) -> None:
+    allow = ("--allow", "127.0.0.1/32", "--allow", "0.0.0.0/0")
+    result = _cli(state, "up", "--backend", "docker", *allow)
+    assert result.returncode == 4, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "allowlist entry '127.0.0.1/32'" in lines[0]
+    assert "docker bottles support only the allowlist 'alias'" in lines[0]
+    assert result.stdout == ""
+    assert "no bottles" in _cli(state, "ls").stdout
+
+
+@needs_engine
+def test_bottle_up_prints_where_the_host_reaches_the_bundle(state: Path) -> None:
+    result = _cli(state, "up", "--backend", "docker", "--name", "shown")
+    assert result.returncode == 0, result.stderr
+    try:
+        match = re.search(r"^  bundle\s+echo on ([\d.]+):(\d+)$", result.stdout, re.M)
+        assert match, result.stdout
+        with socket.create_connection(
+            (match.group(1), int(match.group(2))), timeout=5
+        ) as stream:
+            stream.sendall(b"printed\n")
+            assert stream.makefile().readline() == "printed\n"
+    finally:
+        down = _cli(state, "down", "shown")
+    assert down.returncode == 0, down.stderr

@@ -9,9 +9,18 @@ A docker bottle is:
   one, and publish their ports on the bottle's loopback alias only.
 - ``bb-<id>-bundle-<service>``: one container per bundle service.  An echo
   service runs the project's prober as a nonce echo server
-  (``bottle-probe --serve PORT``); its log is the far side's evidence.
+  (``bottle-probe --serve PORT``); its log is the far side's evidence.  A
+  service listens on one port, the same inside its container (where the agent
+  dials it, at the container's address on the internal network) and on the
+  host (the alias).  A port the spec leaves at 0 is a free port of the alias,
+  different from every other docker bottle's of this process, so that a probe
+  of another bundle's port at this bottle's own bundle means something.
 - ``bb-<id>-agent``: the agent, on the internal network only, with every
   capability dropped, ``no-new-privileges`` and no published ports.
+
+Network membership, not a list of addresses, is what confines the agent, so
+the only allowlist a docker bottle takes is the default, its own alias; any
+other entry is refused before anything is made.
 
 Docker leaves one way out of an internal network: the host itself answers on
 the bridge's gateway address, so the agent reaches every host service bound
@@ -70,6 +79,7 @@ from bottle.backends.base import (
     reject_unknown_options,
     run_host_command,
 )
+from bottle.bundle import free_port
 from bottle.errors import (
     BackendUnavailable,
     BottleError,
@@ -79,7 +89,7 @@ from bottle.errors import (
 )
 from bottle.listeners import ListenerHub
 from bottle.pool import Lease
-from bottle.spec import AgentSpec, BottleSpec, BundleService
+from bottle.spec import ALIAS_ENTRY, AgentSpec, BottleSpec, BundleService, parse_cidr
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +100,6 @@ NAME_PREFIX = "bb-"
 #: Not ``bottle_``: the netns backend reaps every ``inet bottle_*`` table.
 TABLE_PREFIX = "bbdk_"
 BRIDGE_PREFIX = "bd"
-DEFAULT_ECHO_PORT = 7070
 IDLE_COMMAND = ("sleep", "2147483647")
 NOBODY = "65534:65534"
 PING_TIMEOUT_SECONDS = 3
@@ -100,6 +109,9 @@ READY_TIMEOUT_SECONDS = 15.0
 #: a nonce never arrived (the echo server logs before it answers, but Docker
 #: copies container output to its log asynchronously).
 LOG_GRACE_SECONDS = 0.05
+#: How many free ports of an alias are tried before giving up on finding one
+#: that no other bottle of this process uses.
+PORT_ATTEMPTS = 50
 
 OPTIONS = {
     "image": (
@@ -129,6 +141,44 @@ _LEAKY_CHOICES = {
     "internal": ("on", "off"),
     "bundle_publish": ("alias", "all"),
 }
+
+
+class _PortReservations:
+    """Bundle ports held by this process's docker bottles, by bottle id.
+
+    The kernel picks each free port independently per address, so two
+    bottles on two aliases can be handed the same one; this keeps them apart.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._held: dict[str, set[int]] = {}
+
+    def hold(self, bottle_id: str, port: int) -> None:
+        with self._lock:
+            self._held.setdefault(bottle_id, set()).add(port)
+
+    def choose(self, bottle_id: str, host: str) -> int:
+        """A free port of ``host`` that no other bottle here holds, now held."""
+        with self._lock:
+            taken = set().union(*self._held.values())
+            for _ in range(PORT_ATTEMPTS):
+                port = free_port(host)
+                if port not in taken:
+                    self._held.setdefault(bottle_id, set()).add(port)
+                    return port
+        raise BottleStartError(
+            bottle_id,
+            f"no free port on {host} that other bottles do not use "
+            f"after {PORT_ATTEMPTS} tries",
+        )
+
+    def release(self, bottle_id: str) -> None:
+        with self._lock:
+            self._held.pop(bottle_id, None)
+
+
+_PORTS = _PortReservations()
 
 
 class DockerRemovalError(BottleError):
@@ -344,6 +394,7 @@ class DockerBackend:
     # -- start and stop ------------------------------------------------------
 
     def start(self, spec: BottleSpec, lease: Lease, hub: ListenerHub) -> Bottle:
+        refuse_other_allowlists(spec, lease.alias)
         bottle_id = lease.bottle_id
         handle: dict[str, Any] = {
             "run": lease.run,
@@ -428,6 +479,7 @@ class DockerBackend:
                 problems.append(f"nft table {table}: {_one_line_text(deleted.stderr)}")
         if problems:
             raise DockerRemovalError(bottle_id, problems)
+        _PORTS.release(bottle_id)
 
     def leftovers(self) -> set[str]:
         import docker.errors
@@ -610,17 +662,19 @@ class DockerBackend:
         handle["subnets"] = subnets
         bottle.allowlist = bottle.spec.effective_allowlist(lease.alias)
 
+        # Where each service answers: the host at the published address, the
+        # agent at the container's own address; the port is the same for both.
         published: dict[str, str] = {}
+        agent_side: dict[str, str] = {}
         echo: dict[str, str] = {}
         for service in bottle.spec.bundle:
-            container, address, port, host_port = self._start_service(
+            container, address, port = self._start_service(
                 bottle, service, labels, probe_image, agent_image
             )
             handle["bundle"][service.name] = container
             bottle.bundle_ports[service.name] = port
-            handle.setdefault("bundle_addresses", {})[service.name] = address
-            host = lease.alias if self.publish_on_alias else "0.0.0.0"
-            published[service.name] = f"{host}:{host_port}"
+            agent_side[service.name] = f"{address}:{port}"
+            published[service.name] = f"{self._publish_host(bottle)}:{port}"
             if service.is_echo:
                 echo[service.name] = container
                 bottle.bundle_witnesses[service.name] = ContainerLogWitness(
@@ -631,6 +685,7 @@ class DockerBackend:
         handle["echo"] = echo
         handle["bundle_ports"] = dict(bottle.bundle_ports)
         handle["bundle_host"] = bottle.bundle_host
+        handle["bundle_addresses"] = agent_side
 
         self._start_agent(bottle, labels, agent_image, probe_image)
         bottle.facts.update(
@@ -641,6 +696,7 @@ class DockerBackend:
                 "internal_network": handle["networks"]["int"],
                 "internal_subnets": subnets,
                 "published": published,
+                "bundle_addresses": agent_side,
                 "image": agent_image,
             }
         )
@@ -653,11 +709,16 @@ class DockerBackend:
         labels: Mapping[str, str],
         probe_image: str,
         agent_image: str,
-    ) -> tuple[str, str, int, int]:
-        """Start one bundle container; returns name, address, port, host port."""
+    ) -> tuple[str, str, int]:
+        """Start one bundle container; returns its name, address and port."""
         client = self._client()
         name = bundle_name(bottle.bottle_id, service.name)
-        port = service.port or DEFAULT_ECHO_PORT
+        host = self._publish_host(bottle)
+        if service.port:
+            port = service.port
+            _PORTS.hold(bottle.bottle_id, port)
+        else:
+            port = _PORTS.choose(bottle.bottle_id, host)
         options: dict[str, Any] = {}
         if service.is_echo:
             image = probe_image
@@ -673,9 +734,7 @@ class DockerBackend:
             name=name,
             labels=dict(labels),
             network=networks["int"],
-            ports={
-                f"{port}/tcp": (bottle.alias if self.publish_on_alias else "0.0.0.0",)
-            },
+            ports={f"{port}/tcp": (host, port)},
             security_opt=["no-new-privileges"],
             detach=True,
             **options,
@@ -700,7 +759,13 @@ class DockerBackend:
                 not service.is_echo
                 or b"serving" in container.logs(stdout=False, stderr=True)
             ):
-                return name, address, port, host_port
+                if host_port != port:
+                    raise BottleStartError(
+                        bottle.bottle_id,
+                        f"bundle container {name} was published on host port "
+                        f"{host_port}, not on {port} as asked",
+                    )
+                return name, address, port
             if time.monotonic() > deadline:
                 raise BottleStartError(
                     bottle.bottle_id,
@@ -709,6 +774,9 @@ class DockerBackend:
                     f"address {address or 'none'}): " + _tail(container.logs()),
                 )
             time.sleep(0.02)
+
+    def _publish_host(self, bottle: Bottle) -> str:
+        return bottle.alias if self.publish_on_alias else "0.0.0.0"
 
     def _require_local_image(self, image: str) -> None:
         """Refuse, before creating anything, an image this engine does not have."""
@@ -792,6 +860,28 @@ table inet {table} {{
         )
         if completed.returncode != 0:
             raise CommandFailed(argv, completed.returncode, completed.stderr)
+
+
+def refuse_other_allowlists(spec: BottleSpec, alias: str) -> None:
+    """Refuse, in one line, an allowlist a docker bottle cannot honour.
+
+    The agent is confined by the networks it sits on, not by addresses: it
+    reaches its own bundle and nothing else whatever the list says, and an
+    address such as 127.0.0.1 means the container itself in there.  So the
+    only allowlist taken is the default, the bottle's own alias (also when
+    written as its ``/32``).
+    """
+    supported = (
+        f"docker bottles support only the allowlist {ALIAS_ENTRY!r} (the "
+        "bottle's own alias), since network membership alone confines the "
+        "agent; use the netns backend for other entries"
+    )
+    own = ipaddress.ip_network(f"{alias}/32")
+    if not spec.allowlist:
+        raise BottleUsageError("empty allowlist", supported)
+    for entry in spec.allowlist:
+        if entry != ALIAS_ENTRY and parse_cidr(entry) != own:
+            raise BottleUsageError(f"allowlist entry {entry!r}", supported)
 
 
 def _leaky_choice(options: Mapping[str, str], key: str, safe: str, leaky: str) -> bool:
