@@ -8,7 +8,7 @@ A separate pytest plugin (entry point ``bottle_report``) next to
 - compares the run with an earlier report (``--bottle-baseline``): a cell
   that passed there and fails here fails the run and is named first;
 - adds each cell's classes to pytest's own ``--junitxml`` as properties;
-- marks the conformance tests a known upstream bug breaks as
+- marks the conformance tests a known upstream bug makes fail as
   ``xfail(strict=True)`` when the running version is affected and no
   workaround carried the run (see :func:`pytest_runtest_setup`).
 """
@@ -27,8 +27,6 @@ from bottle.backends import Backend, Bottle
 from bottle.errors import BottleError, BottleUsageError
 from bottle.html_report import write_html
 from bottle.known_bugs import (
-    BREAKS_BLOCKED,
-    BREAKS_STORED_ALLOWLIST,
     Assessment,
     KnownBug,
     Verdict,
@@ -63,15 +61,10 @@ TARGET_PROPERTY = "bottle_target"
 #: A user property naming a known bug and how it bore on a test.
 KNOWN_BUG_PROPERTY = "bottle_known_bug"
 
-#: Which clauses of the isolation contract each conformance test checks, by
-#: the test function's name: a known bug that breaks a clause makes the tests
-#: of that clause expected failures.  Other suites mark their tests with
+#: The conformance tests are matched to known bugs by function name (each
+#: bug lists the ones it makes fail); other suites mark their tests with
 #: ``@pytest.mark.bottle_known_bug("<bug id>")``.
 _CONFORMANCE_MODULE = "conformance.test_isolation"
-_CLAUSES_BY_PREFIX = {
-    "test_cannot_reach_": BREAKS_BLOCKED,
-    "test_effective_allowlist_": BREAKS_STORED_ALLOWLIST,
-}
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -272,8 +265,8 @@ def pytest_runtest_setup(item: pytest.Item) -> Generator[None, None, None]:
 
     Only then are the backend's version and the live bottles' facts known:
     whether a workaround ran is a fact of each started bottle, not of the
-    options.  For each known bug of the running version that breaks a clause
-    the test checks:
+    options.  For each known bug of the running version that makes the test
+    fail:
 
     - live (no workaround, or it did not run in every bottle): the test is
       marked ``xfail(strict=True)`` with the bug as reason, so an XPASS says
@@ -297,38 +290,34 @@ def pytest_runtest_setup(item: pytest.Item) -> Generator[None, None, None]:
     return result
 
 
-def _clauses_of(item: pytest.Item) -> tuple[set[str], set[str]]:
-    """The contract clauses a test checks, and the bug ids it names itself."""
+def _known_bugs_of(item: pytest.Item, bugs: Iterable[KnownBug]) -> list[KnownBug]:
+    """The known bugs that bear on a test: named by its marks, or, for the
+    conformance suite, listing its function among the tests they make fail."""
     named = {
         str(marker.args[0])
         for marker in item.iter_markers("bottle_known_bug")
         if marker.args
     }
-    clauses: set[str] = set()
     module = getattr(getattr(item, "module", None), "__name__", "")
-    name = getattr(item, "originalname", item.name)
-    if module == _CONFORMANCE_MODULE:
-        clauses = {c for p, c in _CLAUSES_BY_PREFIX.items() if name.startswith(p)}
-    return clauses, named
+    function = getattr(item, "originalname", item.name)
+    in_suite = module == _CONFORMANCE_MODULE
+    return [
+        bug for bug in bugs if bug.id in named or (in_suite and bug.fails(function))
+    ]
 
 
 def _apply_known_bugs(item: pytest.Item) -> None:
-    clauses, named = _clauses_of(item)
-    if not clauses and not named:
-        return
     funcargs: dict[str, Any] = getattr(item, "funcargs", {})
     backend = funcargs.get("bottle_backend")
     if not isinstance(backend, Backend):
         return
-    plugin = item.config.pluginmanager.get_plugin(_PLUGIN_NAME)
     version = _cached_version(item.config, backend)
+    plugin = item.config.pluginmanager.get_plugin(_PLUGIN_NAME)
     if isinstance(plugin, ReportPlugin):
         plugin.backend_version = version
-    bugs = [
-        bug
-        for bug in affecting(backend.name, version)
-        if bug.id in named or bug.breaks & clauses
-    ]
+    bugs = _known_bugs_of(item, affecting(backend.name, version))
+    if not bugs:
+        return
     facts = _bottle_facts(funcargs)
     for bug in bugs:
         assessment = assess(bug, facts)
