@@ -6,38 +6,65 @@ service with a command is a host process told its address through ``{alias}``
 and ``{port}`` in its arguments and ``BOTTLE_ALIAS``/``BOTTLE_PORT`` in its
 environment.  Processes are recorded in the bottle's handle by pid and start
 time, so that another process can stop them without hitting a reused pid.
+
+The alias guard closes what an IP-only allowlist leaves open.  smolvm's TSI
+(and the netns backend, which imitates it) lets the agent reach every port of
+its alias, and a host service bound on every address (``0.0.0.0``) answers
+there too: a database or dev server the agent must never see.  On Linux an
+nftables table of the bottle's own (``bbguard_<id>``) therefore rejects, at
+the host's input hook, anything bound for the alias but the bundle's own
+ports.  Locally made connections pass that hook as well, so the guard holds
+for TSI's host-side sockets as for a namespace's veth.  It needs root and
+``nft``; where either is missing the bottle runs unguarded, its facts say so,
+and the conformance probe of host services via the alias shows the leak.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
+import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import psutil
 
 from bottle.backends.base import Bottle
-from bottle.errors import BottleStartError
+from bottle.errors import BottleStartError, CommandFailed
 from bottle.listeners import ListenerHub
 from bottle.pool import Owner
 from bottle.spec import BundleService
 
+log = logging.getLogger(__name__)
+
 #: How long a bundle command may take to start listening.
 SERVICE_START_SECONDS = 10.0
+GUARD_TABLE_PREFIX = "bbguard_"
+#: ``bottle.facts["alias_guard"]``: the guard is in force, or why not.
+GUARD_ON = "on"
+GUARD_OFF = "off (negative control)"
 
 
 def start_host_bundle(
-    bottle: Bottle, hub: ListenerHub, bind_address: str | None = None
+    bottle: Bottle,
+    hub: ListenerHub,
+    bind_address: str | None = None,
+    *,
+    guard: bool = True,
+    extra_ports: Iterable[int] = (),
 ) -> None:
     """Start every service of ``bottle``'s bundle; record ports and processes.
 
     Services listen on the bottle's alias unless ``bind_address`` says
-    otherwise (a negative control binds every address).
+    otherwise (a negative control binds every address).  With ``guard`` the
+    alias then answers on the bundle's ports and ``extra_ports`` only (see
+    the module's docstring); ``guard=False`` is a negative control.
     """
     address = bind_address or bottle.alias
     bottle.handle.setdefault("service_pids", [])
@@ -58,6 +85,10 @@ def start_host_bundle(
     bottle.handle["bundle_ports"] = dict(bottle.bundle_ports)
     bottle.handle["allowlist"] = list(bottle.spec.allowlist)
     bottle.handle["allowlist_cidrs"] = list(bottle.allowlist)
+    ports = [*bottle.bundle_ports.values(), *extra_ports]
+    bottle.facts["alias_guard"] = (
+        guard_alias(bottle.bottle_id, bottle.alias, ports) if guard else GUARD_OFF
+    )
 
 
 def stop_host_bundle(bottle: Bottle, hub: ListenerHub | None) -> None:
@@ -67,6 +98,86 @@ def stop_host_bundle(bottle: Bottle, hub: ListenerHub | None) -> None:
             hub.close(listener)
     bottle.bundle_listeners.clear()
     stop_commands(bottle.handle)
+
+
+def remove_host_bundle(bottle_id: str, handle: Mapping[str, Any]) -> None:
+    """Stop the bundle's commands and drop its alias guard, from the id alone."""
+    stop_commands(handle)
+    if _can_guard() is None:
+        subprocess.run(
+            ["nft", "delete", "table", "inet", guard_table(bottle_id)],
+            capture_output=True,
+            check=False,
+        )
+
+
+def guard_table(bottle_id: str) -> str:
+    return GUARD_TABLE_PREFIX + bottle_id.replace("-", "_")
+
+
+def guard_alias(bottle_id: str, alias: str, ports: Iterable[int]) -> str:
+    """Let ``alias`` answer on ``ports`` only; returns the fact to report."""
+    missing = _can_guard()
+    if missing is not None:
+        log.warning("alias %s is not guarded: %s", alias, missing)
+        return f"unavailable ({missing})"
+    allowed = ", ".join(str(port) for port in sorted(set(ports)))
+    accept = (
+        f"ip daddr {alias} meta l4proto {{ tcp, udp }} th dport {{ {allowed} }} accept"
+        if allowed
+        else ""
+    )
+    # Replies to connections the host itself opened from the alias pass;
+    # everything else bound for the alias outside the bundle's ports is
+    # rejected at once (a reset for TCP), as a closed port would be.
+    ruleset = f"""
+table inet {guard_table(bottle_id)} {{
+    chain input {{
+        type filter hook input priority filter - 5; policy accept;
+        ip daddr {alias} ct state established,related accept
+        {accept}
+        ip daddr {alias} meta l4proto tcp reject with tcp reset
+        ip daddr {alias} reject with icmpx type admin-prohibited
+    }}
+}}
+"""
+    completed = subprocess.run(
+        ["nft", "-f", "-"],
+        input=ruleset,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=30,
+    )
+    if completed.returncode != 0:
+        raise CommandFailed(["nft", "-f", "-"], completed.returncode, completed.stderr)
+    return GUARD_ON
+
+
+def guard_leftovers() -> set[str]:
+    """Bottle ids whose alias guard table is still on this host."""
+    if _can_guard() is not None:
+        return set()
+    listing = subprocess.run(
+        ["nft", "-j", "list", "tables"], capture_output=True, text=True, check=False
+    )
+    found = set()
+    with contextlib.suppress(ValueError):
+        for item in json.loads(listing.stdout or "{}").get("nftables", []):
+            table = item.get("table", {})
+            name = str(table.get("name", ""))
+            if table.get("family") == "inet" and name.startswith(GUARD_TABLE_PREFIX):
+                found.add(name.removeprefix(GUARD_TABLE_PREFIX).replace("_", "-"))
+    return found
+
+
+def _can_guard() -> str | None:
+    """None when this host can load a guard, else what is missing."""
+    if shutil.which("nft") is None:
+        return "no `nft` command (Linux nftables)"
+    if os.geteuid() != 0:
+        return "needs root"
+    return None
 
 
 def stop_commands(handle: Mapping[str, Any]) -> None:

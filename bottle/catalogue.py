@@ -97,6 +97,15 @@ PROBES: tuple[ProbeKind, ...] = (
         "Docker: the leak went through the bridge's gateway address",
     ),
     ProbeKind(
+        "host-service-via-own-alias",
+        "host-via-own-alias",
+        "test_cannot_reach_host_services_via_own_alias",
+        "a listener bound on every host address, dialled at the bottle's own "
+        "alias (where its bundle listens)",
+        "smolvm's TSI networking: the allowlist <alias>/32 admits every port of "
+        "the alias, and a host service bound to 0.0.0.0 answers on it",
+    ),
+    ProbeKind(
         "egress",
         "egress",
         "test_cannot_reach_egress_target",

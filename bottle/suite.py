@@ -45,6 +45,9 @@ STANDIN_DEFAULTS = {
 }
 
 LOOPBACK_SENTINEL_KEY = "sentinel:127.0.0.1"
+#: The sentinel bound on every host address, dialled where the bottle's own
+#: bundle listens: an IP-only allowlist lets it through to such a service.
+HOST_VIA_OWN_ALIAS_KEY = "host-via-own-alias"
 
 #: Interfaces the project creates itself; their host ends are covered by each
 #: backend's own host-side addresses instead.
@@ -208,6 +211,9 @@ def targets_for(
                 must_reach=own,
             )
         )
+    # Where the agent dials its own bundle (its alias, or a container of its
+    # own), at ports that belong to others: an IP-only filter lets these
+    # through, and only what listens there decides.
     own_port = next(iter(source.bundle_ports.values()))
     for bottle in bottles:
         port = next(iter(bottle.bundle_ports.values()))
@@ -216,10 +222,18 @@ def targets_for(
                 Target(
                     f"via-own-alias:{bottle.name}",
                     TargetKind.BUNDLE,
-                    source.alias,
+                    source.bundle_host,
                     port,
                 )
             )
+    targets.append(
+        Target(
+            HOST_VIA_OWN_ALIAS_KEY,
+            TargetKind.SENTINEL,
+            source.bundle_host,
+            sentinels.everywhere.port,
+        )
+    )
 
     loopback_port = sentinels.loopback.port
     targets.append(
@@ -309,7 +323,9 @@ def witnesses_for(
     if sentinels.loopback6 is not None:
         witnesses["sentinel:[::1]"] = sentinels.loopback6
     for target in targets:
-        if target.key.startswith(("alias:", "gateway:", "host:")):
+        if target.key.startswith(("alias:", "gateway:", "host:")) or (
+            target.key == HOST_VIA_OWN_ALIAS_KEY
+        ):
             witnesses[target.key] = sentinels.everywhere
         elif target.key.startswith("host6:") and sentinels.everywhere6 is not None:
             witnesses[target.key] = sentinels.everywhere6

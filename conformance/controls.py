@@ -38,6 +38,9 @@ class NegativeControl:
 
 
 _ALLOWLIST = _each("test_effective_allowlist_is_own_alias")
+#: What an alias without its guard fails on its own: a host service bound on
+#: every address answers at the bottle's alias.
+_UNGUARDED = _each("test_cannot_reach_host_services_via_own_alias")
 
 CONTROLS: tuple[NegativeControl, ...] = (
     NegativeControl(
@@ -67,18 +70,27 @@ CONTROLS: tuple[NegativeControl, ...] = (
     NegativeControl(
         "shared-alias",
         "netns",
-        "two bottles sharing one alias",
-        ("--bottle-backend-option=alias_override=127.0.0.16",),
+        "two bottles sharing one alias, unguarded (guarded, each alias guard "
+        "turns the other bottle's bundle away, and the positive controls fail)",
+        (
+            "--bottle-backend-option=alias_override=127.0.0.16",
+            "--bottle-backend-option=alias_guard=off",
+        ),
         _each("test_cannot_reach_other_bundle", PAIRS)
-        | _each("test_cannot_reach_other_bundle_via_own_alias", PAIRS),
+        | _each("test_cannot_reach_other_bundle_via_own_alias", PAIRS)
+        | _UNGUARDED,
         ("other-bundle", "other-bundle-via-own-alias"),
     ),
     NegativeControl(
         "bundle-on-every-address",
         "netns",
-        "bundles listening on 0.0.0.0 instead of their alias",
-        ("--bottle-backend-option=bundle_bind=all",),
-        _each("test_cannot_reach_other_bundle_via_own_alias", PAIRS),
+        "bundles listening on 0.0.0.0 instead of their alias, with no alias "
+        "guard to turn other ports away (as on macOS, which has no nftables)",
+        (
+            "--bottle-backend-option=bundle_bind=all",
+            "--bottle-backend-option=alias_guard=off",
+        ),
+        _each("test_cannot_reach_other_bundle_via_own_alias", PAIRS) | _UNGUARDED,
         ("other-bundle-via-own-alias",),
     ),
     NegativeControl(
@@ -96,6 +108,14 @@ CONTROLS: tuple[NegativeControl, ...] = (
         ("--bottle-backend-option=ipv6=open",),
         _each("test_cannot_reach_host_addresses"),
         ("host-address",),
+    ),
+    NegativeControl(
+        "alias-unguarded",
+        "netns",
+        "the alias answering on every port, as an IP-only allowlist leaves it",
+        ("--bottle-backend-option=alias_guard=off",),
+        _UNGUARDED,
+        ("host-service-via-own-alias",),
     ),
     NegativeControl(
         "outside-allowed",

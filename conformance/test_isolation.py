@@ -113,6 +113,14 @@ def test_cannot_reach_host_addresses(
     )
 
 
+def test_cannot_reach_host_services_via_own_alias(
+    source: str, conformance_run: ConformanceRun, request: pytest.FixtureRequest
+) -> None:
+    """TSI admits every port of the bottle's alias, and a host service bound on
+    every address answers there: only the bundle's own ports may."""
+    check(conformance_run.cell(source, "host-via-own-alias"), request)
+
+
 def test_cannot_reach_egress_target(
     source: str, conformance_run: ConformanceRun, request: pytest.FixtureRequest
 ) -> None:

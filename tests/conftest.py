@@ -14,6 +14,8 @@ import pytest
 
 #: The stand-in egress target of the project's own tests (TEST-NET-2).
 STANDIN_EGRESS = "198.51.100.53:53"
+#: How many tests the conformance suite has with its default two bottles.
+SUITE_TESTS_OF_TWO_BOTTLES = 26
 
 needs_root_netns = pytest.mark.skipif(
     os.geteuid() != 0 or shutil.which("nft") is None,

@@ -12,10 +12,9 @@ import pytest
 
 from bottle.catalogue import PROBES
 from conformance.controls import CONTROLS, UNPROVEN, NegativeControl
-from tests.conftest import STANDIN_EGRESS, needs_root_netns
+from tests.conftest import STANDIN_EGRESS, SUITE_TESTS_OF_TWO_BOTTLES, needs_root_netns
 
 POOL = "127.0.0.104-127.0.0.111"
-ALL_TESTS_OF_TWO_BOTTLES = 24
 
 
 def failed_tests(result: pytest.RunResult) -> set[str]:
@@ -76,6 +75,6 @@ def test_control_fails_exactly_its_tests(
     outcomes = result.parseoutcomes()
     assert outcomes.get("failed", 0) == len(control.must_fail)
     assert outcomes.get("passed", 0) + outcomes.get("skipped", 0) == (
-        ALL_TESTS_OF_TWO_BOTTLES - len(control.must_fail)
+        SUITE_TESTS_OF_TWO_BOTTLES - len(control.must_fail)
     )
     assert "error" not in outcomes

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import STANDIN_EGRESS, needs_root_netns
+from tests.conftest import STANDIN_EGRESS, SUITE_TESTS_OF_TWO_BOTTLES, needs_root_netns
 
 POOL = "127.0.0.56-127.0.0.63"
 SUITE_ARGS = (
@@ -117,7 +117,7 @@ def test_suite_passes_on_netns_and_prints_the_matrix(
     pytester: pytest.Pytester,
 ) -> None:
     result = pytester.runpytest_subprocess(*SUITE_ARGS)
-    result.assert_outcomes(passed=24)
+    result.assert_outcomes(passed=SUITE_TESTS_OF_TWO_BOTTLES)
     result.stdout.fnmatch_lines(
         [
             "*bottle isolation matrix (netns)*",
@@ -139,7 +139,7 @@ def test_widened_allowlist_fails_exactly_the_sentinel_cells(
         *SUITE_ARGS, "--bottle-allowlist=alias,127.0.0.1/32", "-rf"
     )
     assert result.ret == pytest.ExitCode.TESTS_FAILED
-    result.assert_outcomes(passed=16, failed=8)
+    result.assert_outcomes(passed=SUITE_TESTS_OF_TWO_BOTTLES - 8, failed=8)
     result.stdout.fnmatch_lines_random(
         [
             "FAILED *test_cannot_reach_loopback_sentinel[[]a[]]*",

@@ -47,7 +47,12 @@ from bottle.backends.base import (
     reject_unknown_options,
     run_host_command,
 )
-from bottle.bundle import start_host_bundle, stop_commands, stop_host_bundle
+from bottle.bundle import (
+    guard_leftovers,
+    remove_host_bundle,
+    start_host_bundle,
+    stop_host_bundle,
+)
 from bottle.errors import BackendUnavailable, BottleStartError, BottleUsageError
 from bottle.listeners import ListenerHub
 from bottle.pool import Lease
@@ -81,6 +86,8 @@ OPTIONS = {
     "IPv6 route to the host and IPv6 is let in",
     "alias_override": "NEGATIVE CONTROL: every bottle uses this alias instead "
     "of its own lease (bottles sharing one alias)",
+    "alias_guard": "on (default) | off: NEGATIVE CONTROL, the alias answers on "
+    "every port, so host services bound on every address are reachable",
 }
 
 #: ULA prefix of the IPv6 veth addresses, used only with ``ipv6=open``.
@@ -95,6 +102,7 @@ class Leaks:
     udp_open: bool = False
     ipv6_open: bool = False
     alias_override: str | None = None
+    alias_unguarded: bool = False
 
     @classmethod
     def from_options(cls, options: Mapping[str, str]) -> Leaks:
@@ -121,6 +129,7 @@ class Leaks:
             udp_open=choice("udp", "filtered", "open"),
             ipv6_open=choice("ipv6", "filtered", "open"),
             alias_override=override,
+            alias_unguarded=choice("alias_guard", "on", "off"),
         )
         if leaks != cls():
             log.warning("netns bottles are deliberately leaky: %s", leaks)
@@ -251,17 +260,11 @@ class NetnsBackend:
         self.remove(bottle.bottle_id, bottle.handle)
 
     def remove(self, bottle_id: str, handle: Mapping[str, Any]) -> None:
-        # Closing a forwarding path lists iptables rules, which is slow; only
-        # a bottle that opened one, or one known by its id alone, needs it.
-        if handle.get("forwarding", True):
-            forwarding.close(bottle_id)
-        stop_commands(handle)
-        run_host_command(
-            ["nft", "delete", "table", "inet", table_name(bottle_id)], check=False
-        )
-        # The veth pair dies with its namespace (the kernel finishes that in
-        # the background); only a start cut short between the two can leave
-        # the host end alone, and then it is deleted by name.
+        # The namespace goes first and its rules last, so that a removal cut
+        # short never leaves a reachable namespace without its filter.  The
+        # veth pair dies with its namespace (the kernel finishes that in the
+        # background); only a start cut short between the two can leave the
+        # host end alone, and then it is deleted by name.
         deleted = run_host_command(
             ["ip", "netns", "delete", netns_name(bottle_id)], check=False
         )
@@ -269,6 +272,14 @@ class NetnsBackend:
             run_host_command(
                 ["ip", "link", "delete", host_veth_name(bottle_id)], check=False
             )
+        run_host_command(
+            ["nft", "delete", "table", "inet", table_name(bottle_id)], check=False
+        )
+        remove_host_bundle(bottle_id, handle)
+        # Closing a forwarding path lists iptables rules, which is slow; only
+        # a bottle that opened one, or one known by its id alone, needs it.
+        if handle.get("forwarding", True):
+            forwarding.close(bottle_id)
 
     def leftovers(self) -> set[str]:
         found = set()
@@ -285,7 +296,7 @@ class NetnsBackend:
                     TABLE_PREFIX
                 ):
                     found.add(name.removeprefix(TABLE_PREFIX).replace("_", "-"))
-        return found
+        return found | guard_leftovers()
 
     def host_side_addresses(self, bottle: Bottle) -> dict[str, str]:
         inner = ipaddress.IPv4Address(bottle.handle["inner_address"])
@@ -478,7 +489,9 @@ table inet {table} {{
 
     def _start_bundle(self, bottle: Bottle, hub: ListenerHub) -> None:
         every = "0.0.0.0" if self.leaks.bundle_on_all_addresses else None
-        start_host_bundle(bottle, hub, bind_address=every)
+        start_host_bundle(
+            bottle, hub, bind_address=every, guard=not self.leaks.alias_unguarded
+        )
 
 
 def _agent_ids(user: str) -> tuple[int, int]:

@@ -62,7 +62,12 @@ from bottle.backends.base import (
     bottle_from_lease,
     reject_unknown_options,
 )
-from bottle.bundle import start_host_bundle, stop_commands, stop_host_bundle
+from bottle.bundle import (
+    guard_leftovers,
+    remove_host_bundle,
+    start_host_bundle,
+    stop_host_bundle,
+)
 from bottle.errors import (
     BackendUnavailable,
     BottleError,
@@ -216,7 +221,7 @@ class SmolmachinesBackend:
             facts={"smolvm_version": str(found)},
         )
         try:
-            self._start_bundle(bottle, hub)
+            self._start_bundle(bottle, hub, published=[host for host, _ in ports])
             smolvm.create(
                 machine,
                 source=source,
@@ -243,11 +248,11 @@ class SmolmachinesBackend:
         self.remove(bottle.bottle_id, bottle.handle)
 
     def remove(self, bottle_id: str, handle: Mapping[str, Any]) -> None:
-        stop_commands(handle)
         machine = str(handle.get("machine") or machine_name(bottle_id))
         smolvm = self._driver_for(handle)
         if smolvm is None:
             log.warning("no usable smolvm: machine %s may be left", machine)
+            remove_host_bundle(bottle_id, handle)
             return
         # Each step may fail because an earlier start never got that far.
         for step in (smolvm.stop, smolvm.delete):
@@ -255,6 +260,7 @@ class SmolmachinesBackend:
                 step(machine)
             except SmolvmCommandError as exc:
                 log.debug("%s", exc)
+        remove_host_bundle(bottle_id, handle)
 
     def leftovers(self) -> set[str]:
         try:
@@ -262,7 +268,7 @@ class SmolmachinesBackend:
         except (BackendUnavailable, SmolvmCommandError) as exc:
             log.debug("cannot list smolvm machines: %s", exc)
             return set()
-        return {
+        return guard_leftovers() | {
             str(item["name"]).removeprefix(MACHINE_PREFIX)
             for item in machines
             if str(item.get("name", "")).startswith(MACHINE_PREFIX)
@@ -351,8 +357,11 @@ class SmolmachinesBackend:
             "stored_allowlist": result.before,
         }
 
-    def _start_bundle(self, bottle: Bottle, hub: ListenerHub) -> None:
-        start_host_bundle(bottle, hub)
+    def _start_bundle(
+        self, bottle: Bottle, hub: ListenerHub, published: list[int]
+    ) -> None:
+        # The agent's own published ports answer on the alias too.
+        start_host_bundle(bottle, hub, extra_ports=published)
         bottle.handle["facts"] = bottle.facts
 
     def _driver_for(self, handle: Mapping[str, Any]) -> Smolvm | None:
