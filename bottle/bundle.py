@@ -35,7 +35,7 @@ from typing import Any
 
 import psutil
 
-from bottle.backends.base import Bottle
+from bottle.backends.base import Bottle, delete_nft_tables
 from bottle.errors import BottleStartError, CommandFailed
 from bottle.listeners import ListenerHub
 from bottle.pool import Owner
@@ -52,19 +52,13 @@ GUARD_OFF = "off (negative control)"
 
 
 def start_host_bundle(
-    bottle: Bottle,
-    hub: ListenerHub,
-    bind_address: str | None = None,
-    *,
-    guard: bool = True,
-    extra_ports: Iterable[int] = (),
+    bottle: Bottle, hub: ListenerHub, bind_address: str | None = None
 ) -> None:
     """Start every service of ``bottle``'s bundle; record ports and processes.
 
     Services listen on the bottle's alias unless ``bind_address`` says
-    otherwise (a negative control binds every address).  With ``guard`` the
-    alias then answers on the bundle's ports and ``extra_ports`` only (see
-    the module's docstring); ``guard=False`` is a negative control.
+    otherwise (a negative control binds every address).  The backend then
+    guards the alias (:func:`guard_ruleset`), once the ports are known.
     """
     address = bind_address or bottle.alias
     bottle.handle.setdefault("service_pids", [])
@@ -85,10 +79,6 @@ def start_host_bundle(
     bottle.handle["bundle_ports"] = dict(bottle.bundle_ports)
     bottle.handle["allowlist"] = list(bottle.spec.allowlist)
     bottle.handle["allowlist_cidrs"] = list(bottle.allowlist)
-    ports = [*bottle.bundle_ports.values(), *extra_ports]
-    bottle.facts["alias_guard"] = (
-        guard_alias(bottle.bottle_id, bottle.alias, ports) if guard else GUARD_OFF
-    )
 
 
 def stop_host_bundle(bottle: Bottle, hub: ListenerHub | None) -> None:
@@ -104,24 +94,22 @@ def remove_host_bundle(bottle_id: str, handle: Mapping[str, Any]) -> None:
     """Stop the bundle's commands and drop its alias guard, from the id alone."""
     stop_commands(handle)
     if _can_guard() is None:
-        subprocess.run(
-            ["nft", "delete", "table", "inet", guard_table(bottle_id)],
-            capture_output=True,
-            check=False,
-        )
+        delete_nft_tables([guard_table(bottle_id)])
 
 
 def guard_table(bottle_id: str) -> str:
     return GUARD_TABLE_PREFIX + bottle_id.replace("-", "_")
 
 
-def guard_alias(bottle_id: str, alias: str, ports: Iterable[int]) -> str:
-    """Let ``alias`` answer on ``ports`` only; returns the fact to report."""
-    missing = _can_guard()
-    if missing is not None:
-        log.warning("alias %s is not guarded: %s", alias, missing)
-        return f"unavailable ({missing})"
-    allowed = ", ".join(str(port) for port in sorted(set(ports)))
+def guard_ruleset(bottle: Bottle, extra_ports: Iterable[int] = ()) -> str:
+    """The nftables table that lets the alias answer on the bundle's ports only.
+
+    ``extra_ports`` answer too (the agent's own published ports, say).  Meant
+    for ``nft -f``, alone or with a backend's own tables in one transaction.
+    """
+    alias = bottle.alias
+    ports = {*bottle.bundle_ports.values(), *extra_ports}
+    allowed = ", ".join(str(port) for port in sorted(ports))
     accept = (
         f"ip daddr {alias} meta l4proto {{ tcp, udp }} th dport {{ {allowed} }} accept"
         if allowed
@@ -130,8 +118,8 @@ def guard_alias(bottle_id: str, alias: str, ports: Iterable[int]) -> str:
     # Replies to connections the host itself opened from the alias pass;
     # everything else bound for the alias outside the bundle's ports is
     # rejected at once (a reset for TCP), as a closed port would be.
-    ruleset = f"""
-table inet {guard_table(bottle_id)} {{
+    return f"""
+table inet {guard_table(bottle.bottle_id)} {{
     chain input {{
         type filter hook input priority filter - 5; policy accept;
         ip daddr {alias} ct state established,related accept
@@ -141,17 +129,28 @@ table inet {guard_table(bottle_id)} {{
     }}
 }}
 """
+
+
+def guard_alias(bottle: Bottle, extra_ports: Iterable[int] = ()) -> None:
+    """Load the alias guard where this host can, and say in the bottle's facts
+    whether it is on, or what is missing."""
+    missing = _can_guard()
+    if missing is not None:
+        log.warning("alias %s is not guarded: %s", bottle.alias, missing)
+        bottle.facts["alias_guard"] = f"unavailable ({missing})"
+        return
+    argv = ["nft", "-f", "-"]
     completed = subprocess.run(
-        ["nft", "-f", "-"],
-        input=ruleset,
+        argv,
+        input=guard_ruleset(bottle, extra_ports),
         capture_output=True,
         text=True,
         check=False,
         timeout=30,
     )
     if completed.returncode != 0:
-        raise CommandFailed(["nft", "-f", "-"], completed.returncode, completed.stderr)
-    return GUARD_ON
+        raise CommandFailed(argv, completed.returncode, completed.stderr)
+    bottle.facts["alias_guard"] = GUARD_ON
 
 
 def guard_leftovers() -> set[str]:

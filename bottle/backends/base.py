@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import subprocess
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
@@ -209,6 +209,35 @@ def run_host_command(
     if check and completed.returncode != 0:
         raise CommandFailed(argv, completed.returncode, completed.stderr)
     return completed
+
+
+def delete_nft_tables(tables: Iterable[str], family: str = "inet") -> None:
+    """Delete these nftables tables, those that exist, in one transaction.
+
+    Removing a table with base chains waits for the kernel to quiesce (tens
+    of milliseconds), once per transaction: a bottle's tables go together.
+    Adding a table that exists changes nothing, so ``add`` then ``delete``
+    removes it whether or not it was there.
+    """
+    names = list(tables)
+    batch = "".join(
+        f"add table {family} {table}\ndelete table {family} {table}\n"
+        for table in names
+    )
+    if not names:
+        return
+    completed = subprocess.run(
+        ["nft", "-f", "-"],
+        input=batch,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    if completed.returncode != 0:
+        log.warning(
+            "nft could not delete tables %s: %s", names, completed.stderr.strip()
+        )
 
 
 def reject_unknown_options(

@@ -44,13 +44,18 @@ from bottle.backends.base import (
     ExecResult,
     Requirement,
     bottle_from_lease,
+    delete_nft_tables,
     reject_unknown_options,
     run_host_command,
 )
 from bottle.bundle import (
+    GUARD_OFF,
+    GUARD_ON,
     guard_leftovers,
-    remove_host_bundle,
+    guard_ruleset,
+    guard_table,
     start_host_bundle,
+    stop_commands,
     stop_host_bundle,
 )
 from bottle.errors import BackendUnavailable, BottleStartError, BottleUsageError
@@ -237,14 +242,18 @@ class NetnsBackend:
         )
         try:
             _agent_ids(spec.agent.user)
-            self._load_rules(bottle_id, handle["veth"], allowlist)
+            # The bundle first: its ports are what the alias guard lets in,
+            # and the guard loads with the bottle's own rules in one go.
+            self._start_bundle(bottle, hub)
+            self._load_rules(
+                bottle_id, handle["veth"], allowlist, also=self._guard(bottle)
+            )
             self._make_namespace(bottle_id, host_address, inner_address, allowlist)
             if self.leaks.ipv6_open:
                 self._open_ipv6(bottle_id, lease.alias)
             handle["forwarding"] = self._forward_to_own_addresses(
                 bottle_id, handle["veth"], allowlist
             )
-            self._start_bundle(bottle, hub)
         except BaseException as exc:
             log.debug("start of %s failed, removing what it made", bottle_id)
             self.stop(bottle, hub)
@@ -272,10 +281,8 @@ class NetnsBackend:
             run_host_command(
                 ["ip", "link", "delete", host_veth_name(bottle_id)], check=False
             )
-        run_host_command(
-            ["nft", "delete", "table", "inet", table_name(bottle_id)], check=False
-        )
-        remove_host_bundle(bottle_id, handle)
+        delete_nft_tables([table_name(bottle_id), guard_table(bottle_id)])
+        stop_commands(handle)
         # Closing a forwarding path lists iptables rules, which is slow; only
         # a bottle that opened one, or one known by its id alone, needs it.
         if handle.get("forwarding", True):
@@ -383,7 +390,10 @@ class NetnsBackend:
         base = int(self.transfer_net.network_address) + 4 * offset
         return ipaddress.IPv4Address(base + 1), ipaddress.IPv4Address(base + 2)
 
-    def _load_rules(self, bottle_id: str, veth: str, allowlist: list[str]) -> None:
+    def _load_rules(
+        self, bottle_id: str, veth: str, allowlist: list[str], also: str = ""
+    ) -> None:
+        """Load the bottle's table, and ``also`` more rules in the same batch."""
         # Rules match the veth by name, so they are in force before the veth
         # exists: no packet of the bottle ever passes unfiltered.
         v4 = [c for c in allowlist if ipaddress.ip_network(c).version == 4]
@@ -419,7 +429,15 @@ table inet {table} {{
     }}
 }}
 """
-        _run_with_input(["nft", "-f", "-"], ruleset)
+        _run_with_input(["nft", "-f", "-"], ruleset + also)
+
+    def _guard(self, bottle: Bottle) -> str:
+        """The alias guard's rules for this bottle, unless a control turns it off."""
+        if self.leaks.alias_unguarded:
+            bottle.facts["alias_guard"] = GUARD_OFF
+            return ""
+        bottle.facts["alias_guard"] = GUARD_ON
+        return guard_ruleset(bottle)
 
     def _make_namespace(
         self,
@@ -489,9 +507,7 @@ table inet {table} {{
 
     def _start_bundle(self, bottle: Bottle, hub: ListenerHub) -> None:
         every = "0.0.0.0" if self.leaks.bundle_on_all_addresses else None
-        start_host_bundle(
-            bottle, hub, bind_address=every, guard=not self.leaks.alias_unguarded
-        )
+        start_host_bundle(bottle, hub, bind_address=every)
 
 
 def _agent_ids(user: str) -> tuple[int, int]:

@@ -63,6 +63,7 @@ from bottle.backends.base import (
     reject_unknown_options,
 )
 from bottle.bundle import (
+    guard_alias,
     guard_leftovers,
     remove_host_bundle,
     start_host_bundle,
@@ -360,8 +361,9 @@ class SmolmachinesBackend:
     def _start_bundle(
         self, bottle: Bottle, hub: ListenerHub, published: list[int]
     ) -> None:
+        start_host_bundle(bottle, hub)
         # The agent's own published ports answer on the alias too.
-        start_host_bundle(bottle, hub, extra_ports=published)
+        guard_alias(bottle, extra_ports=published)
         bottle.handle["facts"] = bottle.facts
 
     def _driver_for(self, handle: Mapping[str, Any]) -> Smolvm | None:
