@@ -27,7 +27,8 @@ table.facts th { color: #5a6275; font-weight: 600; }
 #matrix th, #matrix td { border: 1px solid #c9ced8; padding: .35em .5em; }
 #matrix thead th { background: #eef0f4; font-size: .85em; max-width: 11em;
   word-break: break-all; }
-#matrix tbody th { background: #eef0f4; }
+#matrix tbody th { background: #eef0f4; text-align: left; white-space: nowrap; }
+#matrix th.corner { white-space: nowrap; word-break: normal; }
 #matrix td.cell { text-align: center; cursor: pointer; min-width: 7em; }
 #matrix td.pass.expect-conn { background: #b6e3c1; }
 #matrix td.pass.expect-blk { background: #dfe9f7; }
@@ -136,19 +137,29 @@ def _cell_td(cell: Mapping[str, Any] | None) -> str:
 
 
 def _grid(report: Mapping[str, Any]) -> str:
+    """The matrix as a table: bottles down the side and targets across, or,
+    when there are more targets than bottles (the usual case), the other way
+    round, so that the page stays about as wide as the screen."""
     cells = report["cells"]
-    rows = list(report.get("rows") or dict.fromkeys(c["source"] for c in cells))
-    columns = list(
+    bottles = list(report.get("rows") or dict.fromkeys(c["source"] for c in cells))
+    targets = list(
         report.get("columns") or dict.fromkeys(c["target"]["key"] for c in cells)
     )
     by_key = {(c["source"], c["target"]["key"]): c for c in cells}
+    sideways = len(targets) > len(bottles)
+    rows, columns = (targets, bottles) if sideways else (bottles, targets)
+    corner = "target \\ bottle" if sideways else "bottle \\ target"
+
+    def cell_at(row: str, column: str) -> Mapping[str, Any] | None:
+        return by_key.get((column, row) if sideways else (row, column))
+
     head = "".join(f'<th scope="col">{escape(column)}</th>' for column in columns)
     body = []
     for row in rows:
-        tds = "".join(_cell_td(by_key.get((row, column))) for column in columns)
+        tds = "".join(_cell_td(cell_at(row, column)) for column in columns)
         body.append(f'<tr><th scope="row">{escape(row)}</th>{tds}</tr>')
     return (
-        '<table id="matrix"><thead><tr><th>bottle \\ target</th>'
+        f'<table id="matrix"><thead><tr><th class="corner">{corner}</th>'
         f"{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
     )
 

@@ -95,6 +95,20 @@ def test_chromium_renders_every_cell_of_the_grid(
     assert 'class="cell fail' not in dom.stdout
 
 
+def test_the_grid_turns_sideways_when_targets_outnumber_bottles(
+    real_report: tuple[Path, dict[str, Any]],
+) -> None:
+    page, report = real_report
+    html = page.read_text()
+    bottles = list(dict.fromkeys(cell["source"] for cell in report["cells"]))
+    first_row = re.search(r'<tbody><tr><th scope="row">([^<]+)</th>', html)
+
+    assert first_row is not None
+    assert first_row.group(1) == report["cells"][0]["target"]["key"]
+    header = re.findall(r'<th scope="col">([^<]+)</th>', html)
+    assert header == bottles
+
+
 def test_chromium_shows_a_mismatch_that_stands_out(
     real_report: tuple[Path, dict[str, Any]], tmp_path: Path
 ) -> None:
