@@ -115,6 +115,8 @@ def own_destinations_within(allowlist: Sequence[str]) -> list[str]:
         for network in map(ipaddress.ip_network, allowlist)
         if isinstance(network, ipaddress.IPv4Network) and not network.is_loopback
     ]
+    if not allowed:
+        return []
     found: list[ipaddress.IPv4Network] = []
     for route in _json(["ip", "-j", "-4", "route", "show", "table", "main"]) or []:
         dst = str(route.get("dst", ""))
