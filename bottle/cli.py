@@ -46,6 +46,9 @@ log = logging.getLogger(__name__)
 
 EXIT_ERROR = 1
 EXIT_USAGE = 4
+#: What ``bottle exec`` passes on when the command ran out of time.
+EXIT_TIMED_OUT = 124
+EXEC_TIMEOUT_SECONDS = 86400.0
 _KEEPER_START_SECONDS = 120
 _KEEPER_STOP_SECONDS = 30
 
@@ -98,6 +101,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = commands.add_parser("exec", help="run a command inside a bottle")
     run.add_argument("name", help="bottle name or id")
+    run.add_argument(
+        "--timeout",
+        type=float,
+        default=EXEC_TIMEOUT_SECONDS,
+        metavar="SECONDS",
+        help="end the command and its children after this long, exit 124 "
+        f"(default {EXEC_TIMEOUT_SECONDS:g}, a day)",
+    )
     run.add_argument("argv", nargs=argparse.REMAINDER, help="-- CMD...")
 
     for name in ("setup", "smolvm-setup"):
@@ -308,9 +319,16 @@ def _cmd_exec(args: argparse.Namespace, pool: AliasPool) -> int:
         raise BottleUsageError("bottle exec", "give the command after `--`")
     lease = _find(pool, args.name)
     backend = _backend(lease.backend, pool)
-    result = backend.exec(backend.attach(lease), argv)
+    if not args.timeout > 0:
+        raise BottleUsageError(f"--timeout {args.timeout}", "give a number of seconds")
+    result = backend.exec(backend.attach(lease), argv, timeout=args.timeout)
     sys.stdout.write(result.stdout)
     sys.stderr.write(result.stderr)
+    if result.returncode == EXIT_TIMED_OUT:
+        sys.stderr.write(
+            f"bottle exec: {args.name}: still running after {args.timeout:g} s; the "
+            "command was ended (its exit code is 124)\n"
+        )
     return result.returncode
 
 

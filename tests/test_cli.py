@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,7 +20,12 @@ import psutil
 import pytest
 
 from bottle.backends import BackendConfig
-from bottle.backends.netns import NetnsBackend, netns_name, table_name
+from bottle.backends.netns import (
+    NetnsBackend,
+    host_veth_name,
+    netns_name,
+    table_name,
+)
 from bottle.catalogue import PROBES
 from bottle.launcher import Launcher
 from bottle.pool import AliasPool, AliasRange
@@ -513,3 +519,64 @@ def test_probes_lists_every_probe_with_its_source(cli: Cli) -> None:
             result.stdout
         )
     assert result.stdout.count("  source   ") == len(PROBES)
+
+
+# -- what the agent leaves running -------------------------------------------
+
+
+def agent_processes() -> list[str]:
+    listing = subprocess.run(
+        ["ps", "-u", "nobody", "-o", "pid=,stat=,args="],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout
+    return [line for line in listing.splitlines() if " Z" not in line]
+
+
+def test_down_ends_what_the_agent_left_running(cli: Cli) -> None:
+    """A background job must not keep the namespace, and its veth to the host,
+    alive once the bottle's rules are gone."""
+    started = cli.up("--name", "bg")
+    marker = f"bottle-bg-{started.bottle_id}"
+    job = cli.run(
+        "exec",
+        "bg",
+        "--",
+        "bash",
+        "-c",
+        f"nohup bash -c 'exec -a {marker} sleep 300' >/dev/null 2>&1 &",
+    )
+    assert job.returncode == 0, job.stderr
+    assert any(marker in line for line in agent_processes())
+
+    assert cli.run("down", "bg").returncode == 0
+
+    deadline = time.monotonic() + 5
+    while any(marker in line for line in agent_processes()):
+        assert time.monotonic() < deadline, agent_processes()
+        time.sleep(0.05)
+    assert has_resources(started.bottle_id) == {"netns": False, "table": False}
+    veths = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True)
+    assert host_veth_name(started.bottle_id) not in veths.stdout
+
+
+def test_exec_timeout_ends_the_command_and_its_children(cli: Cli) -> None:
+    started = cli.up("--name", "slow")
+    marker = f"bottle-slow-{started.bottle_id}"
+    script = f"echo begun; (exec -a {marker} sleep 300) & sleep 300"
+
+    result = cli.run("exec", "--timeout", "1", "slow", "--", "bash", "-c", script)
+
+    assert result.returncode == 124
+    assert result.stdout == "begun\n"
+    assert result.stderr.strip().endswith(
+        "the command was ended (its exit code is 124)"
+    )
+    assert not any(marker in line for line in agent_processes())
+
+
+def test_exec_passes_binary_output_without_failing(cli: Cli) -> None:
+    cli.up("--name", "bin")
+    result = cli.run("exec", "bin", "--", "head", "-c", "64", "/dev/urandom")
+    assert result.returncode == 0, result.stderr

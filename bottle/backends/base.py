@@ -194,13 +194,22 @@ def bottle_from_lease(lease: Lease, backend: str, agent: AgentSpec) -> Bottle:
 
 
 def run_host_command(
-    argv: Sequence[str], *, check: bool = True, timeout: float = 60.0
+    argv: Sequence[str],
+    *,
+    check: bool = True,
+    timeout: float = 60.0,
+    input_text: str | None = None,
 ) -> subprocess.CompletedProcess[str]:
     """Run a host command, logging it; raise :class:`CommandFailed` if asked."""
     log.debug("running %s", " ".join(argv))
     try:
         completed = subprocess.run(
-            list(argv), capture_output=True, text=True, timeout=timeout, check=False
+            list(argv),
+            input=input_text,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
         )
     except FileNotFoundError as exc:
         raise CommandFailed(argv, 127, f"{argv[0]}: not found") from exc

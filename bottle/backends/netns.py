@@ -31,8 +31,10 @@ import os
 import platform
 import pwd
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
@@ -95,6 +97,8 @@ OPTIONS = {
     "every port, so host services bound on every address are reachable",
 }
 
+#: How long a start waits for the veth of a just-stopped namesake to go.
+VETH_GONE_SECONDS = 2.0
 #: ULA prefix of the IPv6 veth addresses, used only with ``ipv6=open``.
 _LEAKY_IPV6_PREFIX = "fd62:6f74:746c"
 
@@ -269,11 +273,15 @@ class NetnsBackend:
         self.remove(bottle.bottle_id, bottle.handle)
 
     def remove(self, bottle_id: str, handle: Mapping[str, Any]) -> None:
-        # The namespace goes first and its rules last, so that a removal cut
-        # short never leaves a reachable namespace without its filter.  The
-        # veth pair dies with its namespace (the kernel finishes that in the
-        # background); only a start cut short between the two can leave the
-        # host end alone, and then it is deleted by name.
+        # Every process still in the namespace (an agent's background job)
+        # is killed first: one that outlived its bottle would keep the
+        # namespace, and its veth to the host, alive with no filter left.
+        # The veth pair then dies with the namespace (the kernel finishes
+        # that in the background); only a start cut short between the two
+        # can leave the host end alone, and then it is deleted by name.  The
+        # rules go last, so that a removal cut short never leaves a
+        # reachable namespace without them.
+        _kill_processes_in(netns_name(bottle_id))
         deleted = run_host_command(
             ["ip", "netns", "delete", netns_name(bottle_id)], check=False
         )
@@ -325,15 +333,22 @@ class NetnsBackend:
         self, bottle: Bottle, argv: Sequence[str], *, timeout: float = 60.0
     ) -> ExecResult:
         command = self._agent_command(bottle, argv)
-        try:
-            completed = subprocess.run(
-                command, capture_output=True, text=True, timeout=timeout, check=False
-            )
-        except subprocess.TimeoutExpired as exc:
-            return ExecResult(list(argv), 124, _text(exc.stdout), _text(exc.stderr))
-        return ExecResult(
-            list(argv), completed.returncode, completed.stdout, completed.stderr
-        )
+        # A session of its own, so that a timeout ends the command's
+        # children too, not only the command.
+        with subprocess.Popen(
+            command,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+        ) as process:
+            try:
+                out, err = process.communicate(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
+                out, err = process.communicate()
+                return ExecResult(list(argv), 124, _text(out), _text(err))
+        return ExecResult(list(argv), process.returncode, _text(out), _text(err))
 
     def prober_command(self, bottle: Bottle) -> list[str]:
         return [self.python, "-I", "-S", str(PROBER_PATH)]
@@ -448,6 +463,7 @@ table inet {table} {{
     ) -> None:
         namespace = netns_name(bottle_id)
         veth = host_veth_name(bottle_id)
+        _await_veth_gone(veth)
         _run_with_input(
             ["ip", "-batch", "-"],
             f"netns add {namespace}\n"
@@ -508,6 +524,39 @@ table inet {table} {{
     def _start_bundle(self, bottle: Bottle, hub: ListenerHub) -> None:
         every = "0.0.0.0" if self.leaks.bundle_on_all_addresses else None
         start_host_bundle(bottle, hub, bind_address=every)
+
+
+def _kill_processes_in(namespace: str) -> None:
+    """SIGKILL every process whose network namespace is ``namespace``."""
+    try:
+        wanted = os.stat(Path("/run/netns", namespace)).st_ino
+    except FileNotFoundError:
+        return
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if os.stat(entry / "ns" / "net").st_ino != wanted:
+                continue
+            os.kill(int(entry.name), signal.SIGKILL)
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            continue
+        log.info("killed process %s left in %s", entry.name, namespace)
+
+
+def _await_veth_gone(veth: str) -> None:
+    """Wait for a veth of the same name to die with its namespace.
+
+    The kernel removes a deleted namespace's veth pair in the background, so
+    a bottle started again under the same id right after its stop can find
+    the old host end still there; past a bound it is deleted by name.
+    """
+    deadline = time.monotonic() + VETH_GONE_SECONDS
+    while Path("/sys/class/net", veth).exists():
+        if time.monotonic() > deadline:
+            run_host_command(["ip", "link", "delete", veth], check=False)
+            return
+        time.sleep(0.005)
 
 
 def _agent_ids(user: str) -> tuple[int, int]:
