@@ -220,6 +220,30 @@ def test_0_8_0_without_the_patch_leaks_loopback_and_egress(
     assert leftovers(result) == []
 
 
+@needs_root_netns
+def test_known_bugs_turn_exactly_the_leaks_into_expected_failures(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, smolvm_data: Path
+) -> None:
+    """With the known-bugs registry on, as users run it, an affected version
+    without the patch xfails exactly what the bug breaks: no test the leak
+    leaves alone may XPASS and claim the bug is gone."""
+    monkeypatch.setenv("FAKE_SMOLVM_VERSION", "0.8.0")
+    at = SUITE_ARGS.index("no:bottle_report")
+    with_registry = SUITE_ARGS[: at - 1] + SUITE_ARGS[at + 1 :]
+    result = pytester.runpytest_subprocess(
+        *with_registry,
+        f"--bottle-backend-option=smolvm={FAKE}",
+        "--bottle-backend-option=allowlist_patch=off",
+    )
+
+    outcomes = result.parseoutcomes()
+    assert result.ret == pytest.ExitCode.OK, result.stdout.str()[-3000:]
+    assert "xpassed" not in outcomes
+    assert "failed" not in outcomes
+    assert outcomes["xfailed"] >= len(LEAKS_WITHOUT_THE_PATCH)
+    assert leftovers(result) == []
+
+
 def test_a_missing_smolvm_is_one_usage_error_line(
     pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, smolvm_data: Path
 ) -> None:
