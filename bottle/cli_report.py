@@ -72,6 +72,12 @@ def cmd_report(args: argparse.Namespace, pool: AliasPool) -> int:
     if args.report_command != "diff":
         raise BottleUsageError("bottle report", "use: bottle report diff OLD NEW")
     old, new = read_report(args.old), read_report(args.new)
+    backends = tuple(str((r.get("backend") or {}).get("name")) for r in (old, new))
+    if backends[0] != backends[1]:
+        raise BottleUsageError(
+            f"reports of backends {backends[0]} and {backends[1]}",
+            "compare two runs of one backend (an upgrade of it, say)",
+        )
     comparison = compare(cells_of(old), cells_of(new))
     for line in render_comparison(comparison, str(args.old), str(args.new)):
         sys.stdout.write(line + "\n")

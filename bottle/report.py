@@ -224,6 +224,8 @@ class Comparison:
 
     changes: list[CellChange]
     compared: int
+    #: The old run judged cells and the new one none: it proves nothing.
+    new_is_empty: bool = False
 
     def of(self, change: Change) -> list[CellChange]:
         return [item for item in self.changes if item.change is change]
@@ -234,13 +236,14 @@ class Comparison:
 
     @property
     def got_worse(self) -> bool:
-        """Whether any cell that passed before fails now."""
-        return bool(self.regressed)
+        """Whether any cell that passed before fails now, or none was judged."""
+        return bool(self.regressed) or self.new_is_empty
 
     def to_json(self) -> dict[str, Any]:
         return {
             "compared": self.compared,
             "got_worse": self.got_worse,
+            "new_is_empty": self.new_is_empty,
             "changes": [item.to_json() for item in self.changes],
         }
 
@@ -269,7 +272,7 @@ def compare(old: Iterable[Cell], new: Iterable[Cell]) -> Comparison:
                 continue
         changes.append(CellChange(change, key[0], key[1], before, after))
     changes.sort(key=lambda item: (_ORDER.index(item.change), not item.newly_reachable))
-    return Comparison(changes, compared)
+    return Comparison(changes, compared, bool(old_cells) and not new_cells)
 
 
 def _cell_text(cell: Cell | None) -> str:
@@ -301,6 +304,8 @@ def render_comparison(
         f"{len(comparison.of(change))} {str(change).lower()}" for change in Change
     )
     verdict = "GOT WORSE" if comparison.got_worse else "no cell got worse"
+    if comparison.new_is_empty:
+        lines.append(f"{new_label} judged no cell at all: it proves nothing")
     lines.append(f"{verdict}: {counts} ({comparison.compared} cells in both runs)")
     return lines
 

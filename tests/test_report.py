@@ -214,6 +214,38 @@ def test_report_diff_lists_cells_only_one_run_has(
     assert "ONLY IN OLD: b -> egress" in out
 
 
+def test_report_diff_against_a_run_that_judged_nothing_got_worse(
+    netns_report: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A backend that could not run writes a report without cells: a gate
+    must not pass on it."""
+    empty = copy.deepcopy(netns_report)
+    empty["cells"] = []
+    old, new = tmp_path / "old.json", tmp_path / "new.json"
+    old.write_text(json.dumps(netns_report))
+    new.write_text(json.dumps(empty))
+
+    assert cli_report.main(["report", "diff", str(old), str(new)]) == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-2] == f"{new} judged no cell at all: it proves nothing"
+    assert lines[-1].startswith("GOT WORSE: 0 regressed")
+
+
+def test_report_diff_of_two_backends_is_refused_in_one_line(
+    netns_report: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    other = copy.deepcopy(netns_report)
+    other["backend"]["name"] = "smolmachines"
+    old, new = tmp_path / "old.json", tmp_path / "new.json"
+    old.write_text(json.dumps(netns_report))
+    new.write_text(json.dumps(other))
+
+    assert cli_report.main(["report", "diff", str(old), str(new)]) == 4
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert "reports of backends netns and smolmachines" in err
+
+
 @pytest.mark.parametrize(
     ("content", "message"),
     [
