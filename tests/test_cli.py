@@ -22,6 +22,7 @@ import pytest
 from bottle.backends import BackendConfig
 from bottle.backends.netns import (
     NetnsBackend,
+    agent_uid,
     host_veth_name,
     netns_name,
     table_name,
@@ -215,11 +216,11 @@ def test_the_bundle_echo_service_answers_on_the_alias_from_the_host(rev: Up) -> 
     assert echo(rev.alias, rev.ports["echo"], b"nonce-from-host") == b"nonce-from-host"
 
 
-def test_exec_runs_the_agent_as_nobody(rev: Up, rev_cli: Cli) -> None:
-    result = rev_cli.run("exec", "rev", "--", "id", "-u")
+def test_exec_runs_the_agent_under_a_uid_of_its_bottle(rev: Up, rev_cli: Cli) -> None:
+    result = rev_cli.run("exec", "rev", "--", "sh", "-c", "id -u; id -g")
 
     assert result.returncode == 0, result.stderr
-    assert result.stdout == "65534\n"
+    assert result.stdout == f"{agent_uid(rev.alias)}\n65534\n"
 
 
 def test_exec_passes_the_exit_code_through(rev: Up, rev_cli: Cli) -> None:
@@ -526,7 +527,7 @@ def test_probes_lists_every_probe_with_its_source(cli: Cli) -> None:
 
 def agent_processes() -> list[str]:
     listing = subprocess.run(
-        ["ps", "-u", "nobody", "-o", "pid=,stat=,args="],
+        ["ps", "-e", "-o", "pid=,stat=,args="],
         capture_output=True,
         text=True,
         check=False,

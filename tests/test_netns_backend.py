@@ -11,7 +11,7 @@ import pytest
 
 from bottle import AliasPool, AliasRange, BottleSpec, Launcher, PoolExhausted
 from bottle.backends import BackendConfig
-from bottle.backends.netns import NetnsBackend, netns_name, table_name
+from bottle.backends.netns import NetnsBackend, agent_uid, netns_name, table_name
 from bottle.errors import BottleStartError, BottleUsageError
 from bottle.probe import BLOCKED_OUTCOMES, Outcome, Target, TargetKind, run_probes
 from bottle.spec import AgentSpec, BundleService
@@ -132,8 +132,29 @@ def test_agent_runs_unprivileged(launcher: Launcher) -> None:
     )
 
     uid, caps = result.stdout.split("\n", 1)
-    assert uid == "65534"
+    assert uid == str(agent_uid(bottle.alias))
     assert caps.split()[-1] == "0000000000000000"
+
+
+def test_one_agent_cannot_inspect_or_trace_another(launcher: Launcher) -> None:
+    """Agents share the host's process table; under one uid, one could trace
+    another (ptrace, pidfd_getfd) and use its connections to its bundle."""
+    first, second = launcher.start_many([BottleSpec("one"), BottleSpec("two")])
+    marker = f"bottle-victim-{first.bottle_id}"
+    job = launcher.backend.exec(
+        first, ["bash", "-c", f"(exec -a {marker} sleep 300) >/dev/null 2>&1 &"]
+    )
+    assert job.returncode == 0, job.stderr
+    victim = subprocess.run(
+        ["pgrep", "-f", marker], capture_output=True, text=True, check=True
+    ).stdout.split()[0]
+
+    peek = launcher.backend.exec(second, ["ls", f"/proc/{victim}/fd"])
+    own = launcher.backend.exec(first, ["ls", f"/proc/{victim}/fd"])
+
+    assert peek.returncode != 0
+    assert "Permission denied" in peek.stderr
+    assert own.returncode == 0, own.stderr
 
 
 def test_rules_are_on_the_host_side_even_if_the_namespace_routes_everything(

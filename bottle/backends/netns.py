@@ -97,6 +97,9 @@ OPTIONS = {
     "every port, so host services bound on every address are reachable",
 }
 
+#: The agent user of a spec that names none; netns gives each such agent a
+#: uid of its own bottle (:func:`agent_uid`) and this user's group.
+DEFAULT_AGENT_USER = "nobody"
 #: How long a start waits for the veth of a just-stopped namesake to go.
 VETH_GONE_SECONDS = 2.0
 #: ULA prefix of the IPv6 veth addresses, used only with ``ipv6=open``.
@@ -370,7 +373,13 @@ class NetnsBackend:
     # -- the pieces ------------------------------------------------------------
 
     def _agent_command(self, bottle: Bottle, argv: Sequence[str]) -> list[str]:
-        uid, gid = _agent_ids(str(bottle.handle.get("agent_user", "nobody")))
+        user = str(bottle.handle.get("agent_user", DEFAULT_AGENT_USER))
+        uid, gid = _agent_ids(user)
+        if user == DEFAULT_AGENT_USER:
+            # Agents share the host's process table: under one uid, one
+            # bottle's agent could trace another's and take its connections
+            # (ptrace, pidfd_getfd).  A uid of the bottle's own prevents it.
+            uid = agent_uid(bottle.alias)
         return [
             "nsenter",
             f"--net=/run/netns/{bottle.handle['netns']}",
@@ -557,6 +566,12 @@ def _await_veth_gone(veth: str) -> None:
             run_host_command(["ip", "link", "delete", veth], check=False)
             return
         time.sleep(0.005)
+
+
+def agent_uid(alias: str) -> int:
+    """The uid of a default agent: the alias as a number (127.0.0.16 is
+    2130706448), unique per bottle and far above the host's own users."""
+    return int(ipaddress.IPv4Address(alias))
 
 
 def _agent_ids(user: str) -> tuple[int, int]:
