@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 import signal
 import threading
@@ -264,7 +265,11 @@ def _number(
     kind = "a whole number" if whole else "a number"
     try:
         value = float(str(text))
-        if value < minimum or (whole and not value.is_integer()):
+        if (
+            not math.isfinite(value)
+            or value < minimum
+            or (whole and not value.is_integer())
+        ):
             raise ValueError(text)
     except ValueError:
         raise pytest.UsageError(
@@ -352,9 +357,16 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     options = session.config.stash[OPTIONS_KEY]
     try:
         _backend_for(session.config).check()
-        AliasPool(pool_from_environment(options.pool)).leases()
+        pool = AliasPool(pool_from_environment(options.pool))
+        pool.leases()
     except (BackendUnavailable, BottleUsageError, LeaseStoreError) as exc:
         raise pytest.UsageError(str(exc)) from None
+    size = len(list(pool.range.addresses()))
+    if options.bottle_count > size:
+        raise pytest.UsageError(
+            f"--bottle-count={options.bottle_count}: the pool {pool.range} has "
+            f"{size} aliases; use at most {size} or a larger --bottle-pool"
+        )
 
 
 def _backend_for(config: pytest.Config) -> Backend:

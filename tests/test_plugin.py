@@ -75,6 +75,8 @@ def test_unknown_backend_is_a_usage_error_listing_the_available(
         ("--bottle-count=0", "*--bottle-count=0: use a whole number of at least 1*"),
         ("--bottle-count=2.5", "*--bottle-count=2.5: use a whole number*"),
         ("--bottle-pool-wait=soon", "*--bottle-pool-wait=soon: use a number*"),
+        ("--bottle-pool-wait=nan", "*--bottle-pool-wait=nan: use a number*"),
+        ("--bottle-probe-timeout=inf", "*--bottle-probe-timeout=inf: use a number*"),
     ],
 )
 def test_bad_option_values_are_one_line_usage_errors(
@@ -83,6 +85,18 @@ def test_bad_option_values_are_one_line_usage_errors(
     result = pytester.runpytest(option)
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines([message])
+
+
+@needs_root_netns
+def test_more_bottles_than_the_pool_has_is_one_usage_error(
+    pytester: pytest.Pytester,
+) -> None:
+    result = pytester.runpytest_subprocess(*SUITE_ARGS, "--bottle-count=9")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(
+        ["ERROR: --bottle-count=9: the pool * has 8 aliases; use at most 8 *"]
+    )
+    assert "error" not in result.parseoutcomes()
 
 
 def test_ini_twins_are_read(pytester: pytest.Pytester) -> None:
