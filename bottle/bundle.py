@@ -22,7 +22,6 @@ and the conformance probe of host services via the alias shows the leak.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import shutil
@@ -35,7 +34,7 @@ from typing import Any
 
 import psutil
 
-from bottle.backends.base import Bottle, delete_nft_tables
+from bottle.backends.base import Bottle, bottles_with_nft_tables, delete_nft_tables
 from bottle.errors import BottleStartError, CommandFailed
 from bottle.listeners import ListenerHub
 from bottle.pool import Owner
@@ -157,17 +156,7 @@ def guard_leftovers() -> set[str]:
     """Bottle ids whose alias guard table is still on this host."""
     if _can_guard() is not None:
         return set()
-    listing = subprocess.run(
-        ["nft", "-j", "list", "tables"], capture_output=True, text=True, check=False
-    )
-    found = set()
-    with contextlib.suppress(ValueError):
-        for item in json.loads(listing.stdout or "{}").get("nftables", []):
-            table = item.get("table", {})
-            name = str(table.get("name", ""))
-            if table.get("family") == "inet" and name.startswith(GUARD_TABLE_PREFIX):
-                found.add(name.removeprefix(GUARD_TABLE_PREFIX).replace("_", "-"))
-    return found
+    return bottles_with_nft_tables(GUARD_TABLE_PREFIX)
 
 
 def _can_guard() -> str | None:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import json
 import logging
+import shutil
 import subprocess
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -218,6 +221,22 @@ def run_host_command(
     if check and completed.returncode != 0:
         raise CommandFailed(argv, completed.returncode, completed.stderr)
     return completed
+
+
+def bottles_with_nft_tables(prefix: str) -> set[str]:
+    """Bottle ids of the ``inet`` tables named ``<prefix><id>`` on this host
+    (dashes of the id spelled as underscores); none where ``nft`` is missing."""
+    if shutil.which("nft") is None:
+        return set()
+    listing = run_host_command(["nft", "-j", "list", "tables"], check=False)
+    found = set()
+    with contextlib.suppress(ValueError):
+        for item in json.loads(listing.stdout or "{}").get("nftables", []):
+            table = item.get("table", {})
+            name = str(table.get("name", ""))
+            if table.get("family") == "inet" and name.startswith(prefix):
+                found.add(name.removeprefix(prefix).replace("_", "-"))
+    return found
 
 
 def delete_nft_tables(tables: Iterable[str], family: str = "inet") -> None:

@@ -55,10 +55,8 @@ image that is already present.
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import hashlib
 import ipaddress
-import json
 import logging
 import os
 import platform
@@ -76,6 +74,7 @@ from bottle.backends.base import (
     Bottle,
     ExecResult,
     Requirement,
+    bottles_with_nft_tables,
     reject_unknown_options,
     run_host_command,
 )
@@ -494,16 +493,7 @@ class DockerBackend:
                 found.add(str((record.get("Labels") or {})[LABEL_BOTTLE]))
         except docker.errors.DockerException as exc:
             log.warning("cannot list Docker leftovers: %s", _one_line(exc))
-        if shutil.which("nft") is None:
-            return found
-        tables = run_host_command(["nft", "-j", "list", "tables"], check=False)
-        with contextlib.suppress(ValueError):
-            for item in json.loads(tables.stdout or "{}").get("nftables", []):
-                table = item.get("table", {})
-                name = str(table.get("name", ""))
-                if table.get("family") == "inet" and name.startswith(TABLE_PREFIX):
-                    found.add(name.removeprefix(TABLE_PREFIX).replace("_", "-"))
-        return found
+        return found | bottles_with_nft_tables(TABLE_PREFIX)
 
     def host_side_addresses(self, bottle: Bottle) -> dict[str, str]:
         gateways = dict(bottle.handle.get("gateways", {}))

@@ -46,6 +46,7 @@ from bottle.backends.base import (
     ExecResult,
     Requirement,
     bottle_from_lease,
+    bottles_with_nft_tables,
     delete_nft_tables,
     reject_unknown_options,
     run_host_command,
@@ -306,15 +307,7 @@ class NetnsBackend:
             name = line.split(" ", 1)[0]
             if name.startswith(NETNS_PREFIX):
                 found.add(name.removeprefix(NETNS_PREFIX))
-        tables = run_host_command(["nft", "-j", "list", "tables"], check=False)
-        with contextlib.suppress(ValueError):
-            for item in json.loads(tables.stdout or "{}").get("nftables", []):
-                name = item.get("table", {}).get("name", "")
-                if item.get("table", {}).get("family") == "inet" and name.startswith(
-                    TABLE_PREFIX
-                ):
-                    found.add(name.removeprefix(TABLE_PREFIX).replace("_", "-"))
-        return found | guard_leftovers()
+        return found | bottles_with_nft_tables(TABLE_PREFIX) | guard_leftovers()
 
     def host_side_addresses(self, bottle: Bottle) -> dict[str, str]:
         inner = ipaddress.IPv4Address(bottle.handle["inner_address"])
