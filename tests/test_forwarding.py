@@ -182,7 +182,13 @@ def test_a_path_opens_exactly_what_it_names_and_closes(scratch: Scratch) -> None
 
 @pytest.mark.parametrize(
     "destination",
-    ["8.8.8.8/32", "100.64.9.0/24", "198.51.100.0/24", "198.18.7.2/32", "127.0.0.1"],
+    [
+        "203.0.113.9/32",
+        "100.64.9.0/24",
+        "198.51.100.0/24",
+        "198.18.7.2/32",
+        "127.0.0.1",
+    ],
 )
 def test_a_destination_not_behind_our_own_veth_is_refused(
     scratch: Scratch, destination: str
@@ -208,7 +214,7 @@ def test_a_wide_allowlist_is_narrowed_to_the_routes_behind_our_veths(
         "print(json.dumps([\n"
         "    f.own_destinations_within(['198.51.100.0/24', '127.0.0.16/32']),\n"
         f"    f.own_destinations_within(['{SERVER}/32']),\n"
-        "    f.own_destinations_within(['100.64.9.0/24', '8.8.8.8/32', '::/0']),\n"
+        "    f.own_destinations_within(['100.64.9.0/24', '203.0.113.9/32', '::/0']),\n"
         "]))"
     )
     wide, exact, uplink = json.loads(out)

@@ -61,8 +61,8 @@ def test_unknown_backend_is_a_usage_error_listing_the_available(
     ("option", "message"),
     [
         (
-            "--bottle-egress-target=8.8.8.8",
-            "*--bottle-egress-target '8.8.8.8'*HOST:PORT*",
+            "--bottle-egress-target=198.51.100.53",
+            "*--bottle-egress-target '198.51.100.53'*HOST:PORT*",
         ),
         ("--bottle-pool=10.0.0.0/24", "*alias pool '10.0.0.0/24': leaves 127.0.0.0/8*"),
         ("--bottle-pool=127.0.0.0/30", "*contains 127.0.0.1*"),
