@@ -10,7 +10,6 @@ import re
 import signal
 import socket
 import subprocess
-import sys
 import textwrap
 import time
 from collections.abc import Iterator
@@ -31,7 +30,7 @@ from bottle.catalogue import PROBES
 from bottle.launcher import Launcher
 from bottle.pool import AliasPool, AliasRange
 from bottle.spec import BottleSpec, spec_from_mapping
-from tests.conftest import needs_root_netns
+from tests.conftest import needs_root_netns, run_bottle
 
 pytestmark = needs_root_netns
 
@@ -95,19 +94,14 @@ class Cli:
 
     def __init__(self, state_dir: Path, pool: str) -> None:
         self.state_dir = state_dir
-        self.env = dict(os.environ, BOTTLE_STATE_DIR=str(state_dir), BOTTLE_POOL=pool)
+        self.pool = pool
         self.started: list[str] = []
 
     def run(
         self, *args: str, env: dict[str, str] | None = None
     ) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "bottle.cli", *args],
-            capture_output=True,
-            text=True,
-            env={**self.env, **(env or {})},
-            timeout=60,
-            check=False,
+        return run_bottle(
+            *args, state_dir=self.state_dir, **{"BOTTLE_POOL": self.pool, **(env or {})}
         )
 
     def up(self, *args: str) -> Up:

@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import concurrent.futures
 import io
-import os
 import re
 import socket
 import subprocess
-import sys
 import tarfile
 import time
 from collections.abc import Iterator
@@ -46,6 +44,7 @@ from bottle.matrix import judge, plan_targets
 from bottle.pool import AliasPool
 from bottle.probe import Outcome, Target, TargetKind, run_probes
 from bottle.spec import AgentSpec, BottleSpec, BundleService
+from tests.conftest import run_bottle
 
 #: A TEST-NET-2 address standing in for the internet; rejected on the host.
 STANDIN_EGRESS = ("198.51.100.53", 53)
@@ -583,15 +582,7 @@ def test_a_started_bottle_releases_its_ports(
 
 
 def _cli(state: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ, BOTTLE_STATE_DIR=str(state))
-    return subprocess.run(
-        [sys.executable, "-m", "bottle.cli", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=120,
-        check=False,
-    )
+    return run_bottle(*args, state_dir=state, timeout=120)
 
 
 @needs_engine

@@ -3,7 +3,6 @@ that a SIGKILLed process left behind."""
 
 from __future__ import annotations
 
-import os
 import signal
 import socket
 import subprocess
@@ -21,7 +20,7 @@ from bottle.backends.netns import NetnsBackend, host_veth_name, netns_name, tabl
 from bottle.launcher import new_run_label, reap
 from bottle.pool import AliasPool, AliasRange, Owner
 from bottle.runs import RunRegistry
-from tests.conftest import needs_root_netns
+from tests.conftest import needs_root_netns, run_bottle
 
 pytestmark = needs_root_netns
 
@@ -256,17 +255,8 @@ def test_reap_never_touches_a_live_owners_bottle(host: Host) -> None:
 
 
 def test_bottle_down_reaps_a_bottle_whose_keeper_was_killed(host: Host) -> None:
-    env = dict(os.environ, BOTTLE_STATE_DIR=str(host.state_dir), BOTTLE_POOL=POOL)
-
     def bottle(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "bottle.cli", *args],
-            capture_output=True,
-            text=True,
-            env=env,
-            timeout=60,
-            check=False,
-        )
+        return run_bottle(*args, state_dir=host.state_dir, BOTTLE_POOL=POOL)
 
     up = bottle("up", "--name", "orphan")
     assert up.returncode == 0, up.stderr
