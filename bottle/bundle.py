@@ -34,8 +34,13 @@ from typing import Any
 
 import psutil
 
-from bottle.backends.base import Bottle, bottles_with_nft_tables, delete_nft_tables
-from bottle.errors import BottleStartError, CommandFailed
+from bottle.backends.base import (
+    Bottle,
+    bottles_with_nft_tables,
+    delete_nft_tables,
+    run_host_command,
+)
+from bottle.errors import BottleStartError
 from bottle.listeners import ListenerHub
 from bottle.pool import Owner
 from bottle.spec import BundleService
@@ -138,17 +143,9 @@ def guard_alias(bottle: Bottle, extra_ports: Iterable[int] = ()) -> None:
         log.warning("alias %s is not guarded: %s", bottle.alias, missing)
         bottle.facts["alias_guard"] = f"unavailable ({missing})"
         return
-    argv = ["nft", "-f", "-"]
-    completed = subprocess.run(
-        argv,
-        input=guard_ruleset(bottle, extra_ports),
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=30,
+    run_host_command(
+        ["nft", "-f", "-"], timeout=30, input_text=guard_ruleset(bottle, extra_ports)
     )
-    if completed.returncode != 0:
-        raise CommandFailed(argv, completed.returncode, completed.stderr)
     bottle.facts["alias_guard"] = GUARD_ON
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import subprocess
 import sys
@@ -319,8 +320,10 @@ def _cmd_exec(args: argparse.Namespace, pool: AliasPool) -> int:
         raise BottleUsageError("bottle exec", "give the command after `--`")
     lease = _find(pool, args.name)
     backend = _backend(lease.backend, pool)
-    if not args.timeout > 0:
-        raise BottleUsageError(f"--timeout {args.timeout}", "give a number of seconds")
+    if not (math.isfinite(args.timeout) and args.timeout > 0):
+        raise BottleUsageError(
+            f"--timeout {args.timeout:g}", "give a positive number of seconds"
+        )
     result = backend.exec(backend.attach(lease), argv, timeout=args.timeout)
     sys.stdout.write(result.stdout)
     sys.stderr.write(result.stderr)

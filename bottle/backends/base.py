@@ -248,20 +248,13 @@ def delete_nft_tables(tables: Iterable[str], family: str = "inet") -> None:
     removes it whether or not it was there.
     """
     names = list(tables)
+    if not names:
+        return
     batch = "".join(
         f"add table {family} {table}\ndelete table {family} {table}\n"
         for table in names
     )
-    if not names:
-        return
-    completed = subprocess.run(
-        ["nft", "-f", "-"],
-        input=batch,
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=60,
-    )
+    completed = run_host_command(["nft", "-f", "-"], check=False, input_text=batch)
     if completed.returncode != 0:
         log.warning(
             "nft could not delete tables %s: %s", names, completed.stderr.strip()

@@ -531,14 +531,16 @@ table inet {table} {{
 def _kill_processes_in(namespace: str) -> None:
     """SIGKILL every process whose network namespace is ``namespace``."""
     try:
-        wanted = os.stat(Path("/run/netns", namespace)).st_ino
+        found = os.stat(Path("/run/netns", namespace))
     except FileNotFoundError:
         return
+    wanted = (found.st_dev, found.st_ino)
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
-            if os.stat(entry / "ns" / "net").st_ino != wanted:
+            seen = os.stat(entry / "ns" / "net")
+            if (seen.st_dev, seen.st_ino) != wanted:
                 continue
             os.kill(int(entry.name), signal.SIGKILL)
         except (FileNotFoundError, ProcessLookupError, PermissionError):
@@ -590,15 +592,10 @@ def _write_sysctl(key: str, value: str) -> None:
 
 
 def _run_with_input(argv: list[str], text: str, before: Any = None) -> None:
+    """Run ``argv`` with ``text`` on its input, after ``before()`` if given."""
     if before is not None:
         before()
-    completed = subprocess.run(
-        argv, input=text, capture_output=True, text=True, check=False, timeout=30
-    )
-    if completed.returncode != 0:
-        from bottle.errors import CommandFailed
-
-        raise CommandFailed(argv, completed.returncode, completed.stderr)
+    run_host_command(argv, timeout=30, input_text=text)
 
 
 def _element_cidr(element: Any) -> str:
